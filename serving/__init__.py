@@ -1,0 +1,1 @@
+"""Self-hosted Llama 2 chat serving engine."""
