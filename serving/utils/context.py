@@ -7,7 +7,7 @@ attends to its sequence's whole cached context through ``block_tables``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,20 @@ class AttentionContext:
     block_tables: torch.Tensor
     # True when every sequence contributes exactly one query token (pure decode step).
     is_decode: bool
+    # Sequences [0, num_prefill_seqs) may have several query tokens; the rest have exactly one. A runner that
+    # orders prefills first lets backends batch the single-token rows without padding; leaving the default
+    # (None: every sequence in the prefill group) is always correct, just slower for mixed steps.
+    num_prefill_seqs: int | None = None
+    num_prefill_tokens: int | None = None   # host-side cu_seqlens_q[num_prefill_seqs]
+    # Per-step tensors a backend derives once (masks, gather indices) and reuses in every layer.
+    derived: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_prefill_seqs is None:
+            self.num_prefill_seqs = 0 if self.is_decode else len(self.cu_seqlens_q) - 1
+            self.num_prefill_tokens = 0 if self.is_decode else self.slot_mapping.numel()
+        elif self.num_prefill_tokens is None:
+            raise ValueError("num_prefill_tokens is required with num_prefill_seqs")
 
 
 _CONTEXT: AttentionContext | None = None

@@ -1,0 +1,104 @@
+"""Load a Hugging Face Llama checkpoint folder (config.json + one or sharded *.safetensors) onto one
+tensor-parallel rank: each parameter's weight_loader reads only that rank's slice from disk."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+from transformers import AutoConfig, LlamaConfig
+
+from serving.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_PROGRESS_BAR_MIN_BYTES = 1 << 30
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on CUDA, fp32 on CPU (CPU half-precision matmuls are slow and less exact)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"invalid dtype={name!r}: expected auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def load_config(path: Path) -> LlamaConfig:
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {config.model_type!r} in {path}: supported {SUPPORTED_MODEL_TYPES}")
+    return config
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    config = load_config(path)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    load_weights(model, path)
+    return model.eval()
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / name for name in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors weights in {path} (convert .bin checkpoints with save_pretrained)")
+    return files
+
+
+def load_weights(model: LlamaForCausalLM, path: Path) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    files = checkpoint_files(path)
+    total_bytes = sum(f.stat().st_size for f in files)
+    loaded: set[str] = set()
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights",
+              disable=total_bytes < _PROGRESS_BAR_MIN_BYTES) as progress:
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    if "rotary_emb.inv_freq" in name:
+                        continue
+                    lazy = f.get_slice(name)
+                    loaded.add(_load_one(params, name, lazy))
+            progress.update(file.stat().st_size)
+    if model.config.tie_word_embeddings:
+        loaded.add("lm_head.weight")
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks weights for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+
+
+def _load_one(params: dict[str, torch.nn.Parameter], name: str, lazy) -> str:
+    for ckpt_name, (fused_name, shard_id) in LlamaForCausalLM.packed_modules_mapping.items():
+        if f".{ckpt_name}." in name:
+            target = name.replace(f".{ckpt_name}.", f".{fused_name}.")
+            param = _param(params, target, name)
+            param.weight_loader(param, lazy, shard_id)
+            return target
+    param = _param(params, name, name)
+    getattr(param, "weight_loader", _copy_whole)(param, lazy)
+    return name
+
+
+def _copy_whole(param: torch.nn.Parameter, lazy) -> None:
+    param.data.copy_(lazy[:])
+
+
+def _param(params: dict[str, torch.nn.Parameter], target: str, source: str) -> torch.nn.Parameter:
+    if target not in params:
+        raise ValueError(f"checkpoint tensor {source!r} has no place in the Llama model")
+    return params[target]

@@ -1,0 +1,159 @@
+"""Our Llama over the paged KV cache against transformers' Llama, logits compared step by step."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from serving.layers.attention import Attention
+from serving.models.loader import load_model
+from serving.models.tiny import ensure_tiny_checkpoint
+from serving.utils.context import AttentionContext, reset_context, set_context
+from tests.fixtures.checkpoints import hf_model
+
+BLOCK_SIZE = 16
+ATOL = 2e-4
+
+
+class PagedHarness:
+    """A minimal stand-in for the ModelRunner: block tables handed out in order, one context per step."""
+
+    def __init__(self, model: torch.nn.Module, num_blocks: int = 64):
+        self.model = model
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        kvh, d = layers[0].num_kv_heads, layers[0].head_dim
+        self.cache = torch.zeros(2, len(layers), num_blocks, BLOCK_SIZE, kvh, d)
+        for i, layer in enumerate(layers):
+            layer.k_cache, layer.v_cache = self.cache[0, i], self.cache[1, i]
+        self.free = list(range(num_blocks))
+        self.blocks: dict[int, list[int]] = {}
+        self.lengths: dict[int, int] = {}
+
+    def step(self, chunks: dict[int, list[int]], num_prefill_seqs: int | None = None) -> torch.Tensor:
+        """Run one flat step; `chunks` maps sequence id -> its new tokens. Returns per-token logits."""
+        ids, positions, slots, cu, seq_lens = [], [], [], [0], []
+        for sid, tokens in chunks.items():
+            start = self.lengths.get(sid, 0)
+            end = start + len(tokens)
+            table = self.blocks.setdefault(sid, [])
+            while len(table) * BLOCK_SIZE < end:
+                table.append(self.free.pop(0))
+            ids += tokens
+            positions += range(start, end)
+            slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)]
+            cu.append(cu[-1] + len(tokens))
+            seq_lens.append(end)
+            self.lengths[sid] = end
+        width = max(len(self.blocks[s]) for s in chunks)
+        tables = [self.blocks[s] + [0] * (width - len(self.blocks[s])) for s in chunks]
+        q_lens = [len(t) for t in chunks.values()]
+        prefill_tokens = None if num_prefill_seqs is None else sum(q_lens[:num_prefill_seqs])
+        set_context(AttentionContext(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32), seq_lens_k=torch.tensor(seq_lens, dtype=torch.int32),
+            max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens), slot_mapping=torch.tensor(slots),
+            block_tables=torch.tensor(tables, dtype=torch.int32), is_decode=max(q_lens) == 1,
+            num_prefill_seqs=num_prefill_seqs, num_prefill_tokens=prefill_tokens,
+        ))
+        try:
+            with torch.inference_mode():
+                hidden = self.model(torch.tensor(ids), torch.tensor(positions))
+                return self.model.compute_logits(hidden)
+        finally:
+            reset_context()
+
+
+def reference_logits(hf: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        return hf(torch.tensor([tokens])).logits[0].float()
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "llama_alt_dir", "tiny_chat_dir"])
+def test_paged_steps_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(fixture)
+    ours, hf = load_model(path, torch.float32, torch.device("cpu")), hf_model(path)
+    gen = torch.Generator().manual_seed(0)
+    vocab = ours.config.vocab_size
+    seqs = {i: torch.randint(3, vocab, (n,), generator=gen).tolist() for i, n in enumerate([5, 37, 300])}
+    harness = PagedHarness(ours)
+
+    # 1. A mixed prefill: whole prompt prefixes of two lengths in one flat batch.
+    logits = harness.step({1: seqs[1][:17], 2: seqs[2][:280]})
+    torch.testing.assert_close(logits[:17], reference_logits(hf, seqs[1][:17]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[17:], reference_logits(hf, seqs[2][:280]), atol=ATOL, rtol=0)
+
+    # 2. A chunk after a cached prefix and a new whole prompt (prefill group), then a single-token decode.
+    logits = harness.step({1: seqs[1][17:27], 0: seqs[0], 2: seqs[2][280:281]}, num_prefill_seqs=2)
+    torch.testing.assert_close(logits[:10], reference_logits(hf, seqs[1][:27])[17:27], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[10:15], reference_logits(hf, seqs[0][:5]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[15], reference_logits(hf, seqs[2][:281])[-1], atol=ATOL, rtol=0)
+
+    # 3. A pure decode step over all three.
+    logits = harness.step({0: [7], 1: [8], 2: [9]})
+    for row, (sid, upto, tok) in enumerate([(0, 5, 7), (1, 27, 8), (2, 281, 9)]):
+        expected = reference_logits(hf, seqs[sid][:upto] + [tok])[-1]
+        torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
+
+
+def test_sharded_checkpoint_loads_like_single_file(llama_dir: Path, tmp_path: Path) -> None:
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / file))
+        weight_map.update(dict.fromkeys(keys, file))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
+    single = load_model(llama_dir, torch.float32, torch.device("cpu")).state_dict()
+    sharded = load_model(tmp_path, torch.float32, torch.device("cpu")).state_dict()
+    assert single.keys() == sharded.keys()
+    for key in single:
+        torch.testing.assert_close(single[key], sharded[key], atol=0, rtol=0)
+
+
+def test_missing_weights_and_unknown_model_are_clear_errors(llama_dir: Path, tmp_path: Path) -> None:
+    from serving.models.tiny import resolve_model
+
+    tensors = load_file(str(llama_dir / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match="down_proj"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"))
+    with pytest.raises(ValueError, match="config.json"):
+        resolve_model(str(tmp_path / "nowhere"))
+
+
+def _build(root: str) -> str:
+    return str(ensure_tiny_checkpoint(Path(root)))
+
+
+def test_tiny_checkpoint_is_deterministic_and_safe_to_build_concurrently(tmp_path: Path, tiny_chat_dir: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        built = pool.map(_build, [str(tmp_path)] * 2)
+    assert built[0] == built[1]
+    folder = Path(built[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # no staging folder left behind
+    fresh, reference = load_file(str(folder / "model.safetensors")), load_file(str(tiny_chat_dir / "model.safetensors"))
+    assert fresh.keys() == reference.keys()
+    assert all(torch.equal(fresh[k], reference[k]) for k in fresh)
+    assert (folder / "tokenizer.json").read_bytes() == (tiny_chat_dir / "tokenizer.json").read_bytes()
+
+
+def test_tiny_tokenizer_round_trips_and_has_llama2_chat_template(tiny_chat_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    text = "Hello  world! Café 東京 🙂\nnew line"
+    ids = tok.encode(text)
+    assert ids[0] == tok.bos_token_id == 1 and tok.eos_token_id == 2
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    rendered = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}], tokenize=False)
+    assert rendered == "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello </s><s>[INST] Bye [/INST]"
