@@ -1,10 +1,19 @@
-"""Tensor-parallel rank and world size of this process (1 / 0 when no group is initialised).
+"""Tensor-parallel process groups.
 
-Layers read these at construction to size their shards, so the same model code serves TP=1 and TP=N.
+Layers read the rank and world size at construction to size their shards, so the same model code serves
+TP=1 (no group) and TP=N. Collectives on tensors use the default group (NCCL on CUDA, gloo on CPU); the
+driver's per-step control messages (small pickled objects) always go over a gloo group, so they never
+stage through GPU memory.
 """
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
+import torch
 import torch.distributed as dist
+
+_CPU_GROUP: dist.ProcessGroup | None = None
 
 
 def get_tp_world_size() -> int:
@@ -13,3 +22,30 @@ def get_tp_world_size() -> int:
 
 def get_tp_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
+                         timeout_s: float = 600.0) -> None:
+    """Join the group of `world_size` ranks; every rank calls this with the same `init_method`."""
+    global _CPU_GROUP
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # Each rank gets its share of the cores, so N CPU ranks do not oversubscribe the machine.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    _CPU_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+
+
+def get_cpu_group() -> dist.ProcessGroup:
+    if _CPU_GROUP is None:
+        raise RuntimeError("tensor parallelism is not initialised in this process")
+    return _CPU_GROUP
+
+
+def destroy_tensor_parallel() -> None:
+    global _CPU_GROUP
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _CPU_GROUP = None

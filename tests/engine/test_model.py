@@ -9,61 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serving.layers.attention import Attention
 from serving.models.loader import load_model
 from serving.models.tiny import ensure_tiny_checkpoint
-from serving.utils.context import AttentionContext, reset_context, set_context
 from tests.fixtures.checkpoints import hf_model
+from tests.fixtures.paged_harness import PagedHarness
 
-BLOCK_SIZE = 16
 ATOL = 2e-4
-
-
-class PagedHarness:
-    """A minimal stand-in for the ModelRunner: block tables handed out in order, one context per step."""
-
-    def __init__(self, model: torch.nn.Module, num_blocks: int = 64):
-        self.model = model
-        layers = [m for m in model.modules() if isinstance(m, Attention)]
-        kvh, d = layers[0].num_kv_heads, layers[0].head_dim
-        self.cache = torch.zeros(2, len(layers), num_blocks, BLOCK_SIZE, kvh, d)
-        for i, layer in enumerate(layers):
-            layer.k_cache, layer.v_cache = self.cache[0, i], self.cache[1, i]
-        self.free = list(range(num_blocks))
-        self.blocks: dict[int, list[int]] = {}
-        self.lengths: dict[int, int] = {}
-
-    def step(self, chunks: dict[int, list[int]], num_prefill_seqs: int | None = None) -> torch.Tensor:
-        """Run one flat step; `chunks` maps sequence id -> its new tokens. Returns per-token logits."""
-        ids, positions, slots, cu, seq_lens = [], [], [], [0], []
-        for sid, tokens in chunks.items():
-            start = self.lengths.get(sid, 0)
-            end = start + len(tokens)
-            table = self.blocks.setdefault(sid, [])
-            while len(table) * BLOCK_SIZE < end:
-                table.append(self.free.pop(0))
-            ids += tokens
-            positions += range(start, end)
-            slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(start, end)]
-            cu.append(cu[-1] + len(tokens))
-            seq_lens.append(end)
-            self.lengths[sid] = end
-        width = max(len(self.blocks[s]) for s in chunks)
-        tables = [self.blocks[s] + [0] * (width - len(self.blocks[s])) for s in chunks]
-        q_lens = [len(t) for t in chunks.values()]
-        prefill_tokens = None if num_prefill_seqs is None else sum(q_lens[:num_prefill_seqs])
-        set_context(AttentionContext(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32), seq_lens_k=torch.tensor(seq_lens, dtype=torch.int32),
-            max_seqlen_q=max(q_lens), max_seqlen_k=max(seq_lens), slot_mapping=torch.tensor(slots),
-            block_tables=torch.tensor(tables, dtype=torch.int32), is_decode=max(q_lens) == 1,
-            num_prefill_seqs=num_prefill_seqs, num_prefill_tokens=prefill_tokens,
-        ))
-        try:
-            with torch.inference_mode():
-                hidden = self.model(torch.tensor(ids), torch.tensor(positions))
-                return self.model.compute_logits(hidden)
-        finally:
-            reset_context()
 
 
 def reference_logits(hf: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
