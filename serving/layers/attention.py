@@ -28,9 +28,10 @@ class AttentionBackend(Protocol):
 
 def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
     """[num_blocks, bs, KVH, D] gathered by [B, nblk] block tables -> [B, KVH, nblk * bs, D]."""
-    gathered = cache[block_tables]
-    b, nblk, bs, kvh, d = gathered.shape
-    return gathered.view(b, nblk * bs, kvh, d).transpose(1, 2)
+    b, nblk = block_tables.shape
+    # index_select on the flat table is several times faster than advanced indexing on CPU.
+    gathered = cache.index_select(0, block_tables.reshape(-1))
+    return gathered.view(b, nblk * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
 def _sdpa_prefill_plan(ctx: AttentionContext, num_seqs: int, block_size: int) -> dict:
@@ -49,14 +50,14 @@ def _sdpa_prefill_plan(ctx: AttentionContext, num_seqs: int, block_size: int) ->
     q_pos = (seq_lens - q_lens)[:, None] + offsets[None, :]
     mask = k_pos[None, None, :] <= q_pos[:, :, None]                               # [P, Qmax, Lk]
     return {"valid_q": valid_q, "q_index": q_index, "mask": mask.unsqueeze(1),
-            "block_tables": ctx.block_tables[:num_seqs, :nblk]}
+            "block_tables": ctx.block_tables[:num_seqs, :nblk].long()}
 
 
 def _sdpa_decode_plan(ctx: AttentionContext, first_seq: int, block_size: int) -> dict:
     nblk = -(-ctx.max_seqlen_k // block_size)
     k_pos = torch.arange(nblk * block_size, device=ctx.seq_lens_k.device)
     mask = k_pos[None, :] < ctx.seq_lens_k[first_seq:, None]                      # [B, Lk]
-    return {"mask": mask[:, None, None, :], "block_tables": ctx.block_tables[first_seq:, :nblk]}
+    return {"mask": mask[:, None, None, :], "block_tables": ctx.block_tables[first_seq:, :nblk].long()}
 
 
 def sdpa_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -77,11 +78,14 @@ def sdpa_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         plan = ctx.derived.get("sdpa_decode")
         if plan is None:
             plan = ctx.derived["sdpa_decode"] = _sdpa_decode_plan(ctx, num_prefill, block_size)
-        qd = q[num_prefill_tokens:].unsqueeze(2)                                   # [B, H, 1, D]
+        kvh = k_cache.shape[2]
+        # A decode query per head; fold each KV head's query group into the query-length axis, so GQA
+        # becomes plain attention over [B, KVH] with no repeated keys.
+        qd = q[num_prefill_tokens:].view(-1, kvh, q.shape[1] // kvh, q.shape[2])  # [B, KVH, G, D]
         k = _gather_context(k_cache, plan["block_tables"])
         v = _gather_context(v_cache, plan["block_tables"])
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan["mask"], scale=scale, enable_gqa=True)
-        out[num_prefill_tokens:] = o.squeeze(2)
+        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan["mask"], scale=scale)
+        out[num_prefill_tokens:] = o.reshape(-1, q.shape[1], q.shape[2])
     return out
 
 
