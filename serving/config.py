@@ -22,6 +22,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     attention_backend: str = "auto"       # auto | sdpa | flash_attn
+    served_model_name: str | None = None  # the name clients use; defaults to the model argument
+    stall_timeout_s: float = 30.0         # health check fails when work waits this long without a step
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -40,6 +42,7 @@ class EngineConfig:
         need(self.block_size in (8, 16, 32, 64, 128, 256), "block_size", "a power of two in [8, 256]")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "None or >= 1")
         need(0.0 < self.kv_cache_memory_fraction < 1.0, "kv_cache_memory_fraction", "a fraction in (0, 1)")
+        need(self.stall_timeout_s > 0, "stall_timeout_s", "a number of seconds > 0")
         need(self.attention_backend in ("auto", "sdpa", "flash_attn"), "attention_backend",
              "auto, sdpa or flash_attn")
         if self.max_num_batched_tokens is None:

@@ -1,0 +1,246 @@
+"""The synchronous engine: requests in, one scheduled model step per `step()`, outputs back.
+
+Not thread-safe: one caller drives it (the offline `LLM`, or the `AsyncLLMEngine` loop). `make_request`
+only reads the engine, so a caller can validate on its own thread and hand the request to the driver.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jinja2 import TemplateError
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from serving.config import EngineConfig
+from serving.engine.block_manager import BlockManager
+from serving.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
+from serving.engine.errors import RequestTooLargeError
+from serving.engine.model_runner import ModelRunner
+from serving.engine.scheduler import Scheduler
+from serving.engine.sequence import Request, Sequence
+from serving.layers.sampler import SamplerOutput
+from serving.models.loader import load_config
+from serving.models.tiny import resolve_model
+from serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from serving.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    kv_cache_usage: float           # share of KV blocks held by requests (cached free blocks count as free)
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions: int            # cumulative
+    prefix_cache_queries: int       # cumulative, in prompt tokens looked up at admission
+    prefix_cache_hits: int          # cumulative, in tokens served from the cache
+    num_steps: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        path = resolve_model(config.model)
+        self.model_path: Path = path
+        self.tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(config.tokenizer or path)
+        self._backend_tokenizer = backend_tokenizer(self.tokenizer)
+        model_config = load_config(path)
+        limit = model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"invalid max_model_len={config.max_model_len}: the model supports {limit} positions")
+        self.max_model_len: int = config.max_model_len or limit
+        self.model_runner = ModelRunner(config, path, self.max_model_len)
+        self.vocab_size = self.model_runner.vocab_size
+        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
+        eos = model_config.eos_token_id if model_config.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_token_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self._requests: dict[str, Request] = {}
+        self.num_steps = 0
+
+    # ---- input -------------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation under the model's chat template, ready for the assistant's turn."""
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} objects")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
+                raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
+            if not isinstance(message.get("content"), str):
+                raise ValueError(f"messages[{i}].content must be a string")
+        if not self.tokenizer.chat_template:
+            raise ValueError("the model's tokenizer has no chat template")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as exc:
+            raise ValueError(f"invalid messages: {exc}") from exc
+        # The template writes the BOS token itself.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                     stream: bool = False) -> Request:
+        """Validate and tokenize; raises ValueError (RequestTooLargeError if it could never fit the pool)."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            text, token_ids = prompt, self.encode(prompt)
+        elif isinstance(prompt, list):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+            if bad is not None:
+                raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {self.vocab_size})")
+            text, token_ids = None, list(prompt)
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds the "
+                f"context window of {self.max_model_len} tokens (max_model_len)"
+            )
+        blocks = self.block_manager.blocks_needed(total)
+        if blocks > self.block_manager.num_blocks:
+            raise RequestTooLargeError(
+                f"request needs {blocks} KV-cache blocks for {total} tokens (prompt + max_tokens) but the whole "
+                f"pool has {self.block_manager.num_blocks} blocks of {self.config.block_size} tokens: lower "
+                "max_tokens or the prompt, or give the engine more num_kv_blocks"
+            )
+        request = Request(request_id=request_id, prompt=text, prompt_token_ids=token_ids, params=params,
+                          stream=stream)
+        for index in range(params.n):
+            detokenizer = IncrementalDetokenizer(self._backend_tokenizer, token_ids, params.stop)
+            request.seqs.append(Sequence(request, index, detokenizer))
+        return request
+
+    def add(self, request: Request) -> None:
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self._requests[request.request_id] = request
+        for seq in request.seqs:
+            self.scheduler.add(seq)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    stream: bool = False) -> None:
+        self.add(self.make_request(request_id, prompt, params, stream))
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks now; False if it is unknown or already finished."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.abort(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ---- the step ----------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model step. Returns an output for every streaming request that advanced and for every
+        request that finished."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            if self.scheduler.has_unfinished():
+                # Cannot happen while requests are size-checked; failing beats spinning forever.
+                raise RuntimeError("no waiting request fits the KV-cache pool although nothing is running")
+            return []
+        inputs, sampled = self.model_runner.prepare(batch)
+        result = self.model_runner.run(inputs)
+        token_ids: list[int] = result.token_ids.tolist()
+        self.num_steps += 1
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += num_new
+            self.block_manager.register(seq)
+        now = time.time()
+        advanced: dict[str, Request] = {}
+        for seq, token_id in zip(sampled, token_ids):
+            self._append_token(seq, token_id)
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            advanced[request.request_id] = request
+        if sampled and result.logprobs is not None:
+            self._record_logprobs(sampled, result)
+        self.scheduler.remove_finished()
+        outputs = []
+        for request in advanced.values():
+            finished = request.finished
+            if finished:
+                request.finished_time = now
+                del self._requests[request.request_id]
+            if finished or request.stream:
+                outputs.append(self._output(request, finished))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token_id: int) -> None:
+        seq.token_ids.append(token_id)
+        params = seq.request.params
+        detokenizer = seq.detokenizer
+        if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
+            # The stop token stays in token_ids (like transformers' output) but adds no text.
+            detokenizer.flush()
+            seq.finish("stop")
+        elif detokenizer.add_token(token_id):
+            seq.finish("stop")
+        elif seq.num_output_tokens >= params.max_tokens:
+            seq.finish("stop" if detokenizer.flush() else "length")
+
+    def _record_logprobs(self, sampled: list[Sequence], result: SamplerOutput) -> None:
+        chosen = result.logprobs.tolist()
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        for row, seq in enumerate(sampled):
+            if seq.logprobs is None:
+                continue
+            entry = {seq.token_ids[-1]: chosen[row]}
+            k = seq.request.params.logprobs
+            if k:
+                entry.update(zip(top_ids[row][:k], top_lps[row][:k]))
+            seq.logprobs.append(entry)
+
+    def _output(self, request: Request, finished: bool) -> RequestOutput:
+        completions = []
+        for seq in request.seqs:
+            delta_text = seq.detokenizer.take_delta(seq.finished)
+            delta_ids = seq.token_ids[seq.num_prompt_tokens + seq.num_sent_tokens:]
+            seq.num_sent_tokens = seq.num_output_tokens
+            completions.append(CompletionOutput(
+                index=seq.index, text=seq.detokenizer.sent_text, token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason, delta_text=delta_text, delta_token_ids=delta_ids,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+            ))
+        return RequestOutput(
+            request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
+            outputs=completions, finished=finished, num_cached_tokens=request.seqs[0].num_cached_tokens or 0,
+            metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time),
+        )
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks, num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
+            num_steps=self.num_steps,
+        )

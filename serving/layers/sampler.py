@@ -1,0 +1,108 @@
+"""Token sampling for a whole batch in a few tensor ops.
+
+Greedy rows take the argmax of the raw logits. Sampled rows are scaled by their temperature, cut to their
+top-k / top-p set, and sampled with the Gumbel-max trick: argmax(logits + Gumbel noise) draws from
+softmax(logits). Rows with a `seed` take their noise from a counter-based hash of (seed, step, token id)
+computed with integer tensor ops, so a seeded request draws the same tokens whatever else shares the batch
+and no per-row torch.Generator is needed; other rows use the engine's generator.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31: products with 32-bit values stay below 2**63, so int64 never overflows.
+_MUL_A = 0x7FEB352D
+_MUL_B = 0x2C1B3C6D
+_MIN_UNIFORM = 1e-20
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling settings (on the model's device) and the host-side facts that pick the code path.
+
+    Rows are the rows of the logits passed to the sampler. Only rows that sample (temperature > 0) have
+    settings; `sample_rows` lists them (None when every row is greedy).
+    """
+    sample_rows: torch.Tensor | None = None     # [R] int64 row indices
+    temperature: torch.Tensor | None = None     # [R] float32
+    top_k: torch.Tensor | None = None           # [R] int64, vocab size when disabled; None: no row uses it
+    top_p: torch.Tensor | None = None           # [R] float32; None: no row uses it
+    seeded_rows: torch.Tensor | None = None     # [S] int64 indices into the R sampled rows
+    seeds: torch.Tensor | None = None           # [S] int64
+    steps: torch.Tensor | None = None           # [S] int64: tokens the sequence generated before this one
+    all_sampled: bool = False                   # no greedy row at all
+    num_logprobs: int | None = None             # top logprobs to return; None: no row asked for logprobs
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor                     # [N] int64
+    logprobs: torch.Tensor | None = None        # [N] float32: log-probability of the chosen token
+    top_ids: torch.Tensor | None = None         # [N, num_logprobs] int64
+    top_logprobs: torch.Tensor | None = None    # [N, num_logprobs] float32
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int):
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._token_keys: torch.Tensor | None = None
+
+    def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
+        """logits: [N, V] float32 (raw model output)."""
+        if t.sample_rows is None:
+            token_ids = logits.argmax(dim=-1)
+        else:
+            x = logits if t.all_sampled else logits.index_select(0, t.sample_rows)
+            x = x / t.temperature.unsqueeze(1)
+            if t.top_k is not None or t.top_p is not None:
+                x = apply_top_k_top_p(x, t.top_k, t.top_p)
+            sampled = (x + self._gumbel(x, t)).argmax(dim=-1)
+            token_ids = sampled if t.all_sampled else logits.argmax(dim=-1).index_copy_(0, t.sample_rows, sampled)
+        out = SamplerOutput(token_ids=token_ids)
+        if t.num_logprobs is not None:
+            logprobs = logits.log_softmax(dim=-1)
+            out.logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+            if t.num_logprobs > 0:
+                out.top_logprobs, out.top_ids = logprobs.topk(t.num_logprobs, dim=-1)
+        return out
+
+    def _gumbel(self, x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        uniform = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=torch.float32)
+        if t.seeded_rows is not None:
+            uniform.index_copy_(0, t.seeded_rows, self._seeded_uniform(t.seeds, t.steps, x.shape[1]))
+        return uniform.clamp_(min=_MIN_UNIFORM).log_().neg_().log_().neg_()
+
+    def _seeded_uniform(self, seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """[S, V] uniforms in (0, 1), a pure function of (seed, step, token id)."""
+        keys = self._token_keys
+        if keys is None or keys.numel() != vocab_size or keys.device != seeds.device:
+            keys = self._token_keys = _mix32(torch.arange(vocab_size, device=seeds.device) + 0x9E3779B9)
+        row = _mix32(_mix32(_mix32(seeds & _MASK32) ^ (seeds >> 32)) ^ (steps & _MASK32))
+        bits = _mix32(row.unsqueeze(1) ^ keys.unsqueeze(0))
+        # 24 high bits are exact in float32; the half-step offset keeps 0 and 1 out.
+        return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL_A) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL_B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """Set logits outside each row's top-k and top-p (nucleus) sets to -inf. The best token always stays."""
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    if top_k is not None:
+        ranks = torch.arange(x.shape[1], device=x.device)
+        sorted_x.masked_fill_(ranks.unsqueeze(0) >= top_k.unsqueeze(1), float("-inf"))
+    if top_p is not None:
+        probs = sorted_x.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_x.masked_fill_(mass_before > top_p.unsqueeze(1), float("-inf"))
+    return x.scatter_(1, order, sorted_x)

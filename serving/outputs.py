@@ -1,0 +1,38 @@
+"""What the engine hands back per request (contract: names follow vLLM)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str                       # cumulative text so far
+    token_ids: list[int]            # cumulative generated token ids
+    finish_reason: str | None       # "stop" | "length" | None while running (or aborted)
+    delta_text: str = ""            # new since the previous output for this request
+    delta_token_ids: list[int] = field(default_factory=list)
+    # Per generated token: {token id: log-probability} with the chosen token and the top `logprobs` ones.
+    logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int          # prompt tokens served from the prefix cache
+    metrics: RequestMetrics
