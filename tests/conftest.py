@@ -1,3 +1,5 @@
 pytest_plugins = [
     "tests.fixtures.checkpoints",
+    "tests.fixtures.gateway",
+    "tests.fixtures.stack",
 ]

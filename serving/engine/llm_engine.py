@@ -56,6 +56,8 @@ class LLMEngine:
         if config.max_model_len is not None and config.max_model_len > limit:
             raise ValueError(f"invalid max_model_len={config.max_model_len}: the model supports {limit} positions")
         self.max_model_len: int = config.max_model_len or limit
+        if config.tensor_parallel_size > 1:
+            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} is not supported yet: use 1")
         self.model_runner = ModelRunner(config, path, self.max_model_len)
         self.vocab_size = self.model_runner.vocab_size
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,

@@ -50,15 +50,15 @@ def resolve_device(name: str) -> torch.device:
 
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int):
-        if config.tensor_parallel_size > 1:
-            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} is not supported yet: use 1")
+        """One rank's model and KV cache; the layers shard themselves by the current TP group."""
         self.config = config
         self.block_size = config.block_size
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
-            # Denormal floats (e.g. softmax tails) slow CPU arithmetic down several times over; flushing them
-            # to zero changes results by less than float32 rounding. A process-wide switch, set once here.
+            # Denormal floats (e.g. softmax tails) slow CPU arithmetic down several times over; flushing
+            # them (magnitudes below 1e-38) to zero does not change results at float32 resolution.
+            # A process-wide switch.
             torch.set_flush_denormal(True)
         self.model = load_model(model_path, self.dtype, self.device)
         self.vocab_size: int = self.model.config.vocab_size

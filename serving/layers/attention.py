@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 from typing import Protocol
 
 import torch
@@ -26,38 +27,75 @@ class AttentionBackend(Protocol):
         """q: [T, H, D]; caches: [num_blocks, block_size, KVH, D]. Returns [T, H, D]."""
 
 
-def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+# The gathered keys/values are a step's largest tensors (tens of MB per layer on a big batch). Allocating
+# them afresh for every layer and step costs page faults that take far longer than the copy itself on CPU,
+# so each thread keeps one buffer per role ("k", "v") and gathers into it (layers run one after another).
+_gather_buffers = threading.local()
+
+
+def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, role: str) -> torch.Tensor:
     """[num_blocks, bs, KVH, D] gathered by [B, nblk] block tables -> [B, KVH, nblk * bs, D]."""
     b, nblk = block_tables.shape
+    flat = block_tables.reshape(-1)
+    pool = _gather_buffers.__dict__
+    buffer = pool.get(role)
+    if buffer is None or buffer.shape[0] < flat.numel() or buffer.shape[1:] != cache.shape[1:] \
+            or buffer.dtype != cache.dtype or buffer.device != cache.device:
+        buffer = pool[role] = cache.new_empty((flat.numel() * 3 // 2 + 1, *cache.shape[1:]))
     # index_select on the flat table is several times faster than advanced indexing on CPU.
-    gathered = cache.index_select(0, block_tables.reshape(-1))
+    gathered = torch.index_select(cache, 0, flat, out=buffer[:flat.numel()])
     return gathered.view(b, nblk * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
-def _sdpa_prefill_plan(ctx: AttentionContext, num_seqs: int, block_size: int) -> dict:
-    """Gather indices and causal mask for the prefill group, derived once per step."""
-    cu = ctx.cu_seqlens_q[: num_seqs + 1].long()
-    q_lens = cu[1:] - cu[:-1]
-    q_max = ctx.max_seqlen_q
-    offsets = torch.arange(q_max, device=cu.device)
-    valid_q = offsets[None, :] < q_lens[:, None]                                   # [P, Qmax]
-    q_index = torch.where(valid_q, cu[:-1, None] + offsets[None, :], 0)            # [P, Qmax]
-    nblk = -(-ctx.max_seqlen_k // block_size)
-    k_pos = torch.arange(nblk * block_size, device=cu.device)
-    seq_lens = ctx.seq_lens_k[:num_seqs].long()
-    # A query sits at absolute position (context_len - q_len + i); it sees every key up to itself, which
-    # also keeps it off the padded tail of its block table. Padded query rows see key 0 (never NaN).
-    q_pos = (seq_lens - q_lens)[:, None] + offsets[None, :]
-    mask = k_pos[None, None, :] <= q_pos[:, :, None]                               # [P, Qmax, Lk]
-    return {"valid_q": valid_q, "q_index": q_index, "mask": mask.unsqueeze(1),
-            "block_tables": ctx.block_tables[:num_seqs, :nblk].long()}
+def _sdpa_prefill_plan(ctx: AttentionContext, num_seqs: int, block_size: int) -> list:
+    """[(query slice, context length, block_tables, mask)] per prefill sequence, derived once per step.
+
+    Each sequence attends on its own: no padding to the longest prompt, and a chunk that starts at the
+    beginning of its context uses SDPA's causal mode, which skips the masked half of the work.
+    """
+    cu = ctx.cu_seqlens_q[: num_seqs + 1].tolist()
+    seq_lens = ctx.seq_lens_k[:num_seqs].tolist()
+    plans = []
+    for i, k_len in enumerate(seq_lens):
+        q_len = cu[i + 1] - cu[i]
+        mask = None
+        if q_len != k_len:
+            # Queries are the last q_len positions: query j sees keys up to k_len - q_len + j.
+            k_pos = torch.arange(k_len, device=ctx.seq_lens_k.device)
+            q_pos = torch.arange(k_len - q_len, k_len, device=ctx.seq_lens_k.device)
+            mask = k_pos[None, :] <= q_pos[:, None]
+        block_tables = ctx.block_tables[i:i + 1, :-(-k_len // block_size)].long()
+        plans.append((slice(cu[i], cu[i + 1]), k_len, block_tables, mask))
+    return plans
 
 
-def _sdpa_decode_plan(ctx: AttentionContext, first_seq: int, block_size: int) -> dict:
-    nblk = -(-ctx.max_seqlen_k // block_size)
-    k_pos = torch.arange(nblk * block_size, device=ctx.seq_lens_k.device)
-    mask = k_pos[None, :] < ctx.seq_lens_k[first_seq:, None]                      # [B, Lk]
-    return {"mask": mask[:, None, None, :], "block_tables": ctx.block_tables[first_seq:, :nblk].long()}
+# On CPU, decode rows are attended in tiles of a few sequences of similar context length: a tile's gathered
+# keys/values are still in the CPU cache when the attention reads them, and each tile is padded only to its
+# own longest context instead of the whole batch's. Tiles hold about _DECODE_TILE_BYTES of keys and values.
+# On CUDA one tile takes every row: there, more kernel launches would cost more than the padding.
+_DECODE_TILE_BYTES = 2 << 20
+_DECODE_TILE_MIN_ROWS = 4
+
+
+def _sdpa_decode_plan(ctx: AttentionContext, first_seq: int, block_size: int, bytes_per_token: int) -> list:
+    """[(rows, block_tables, mask)] per tile; rows index the decode group."""
+    seq_lens = ctx.seq_lens_k[first_seq:]
+    # One host read per step: free on CPU; on CUDA the flash-attn backend avoids it.
+    host_lens = seq_lens.tolist()
+    order = sorted(range(len(host_lens)), key=host_lens.__getitem__, reverse=True)
+    k_pos = torch.arange(-(-ctx.max_seqlen_k // block_size) * block_size, device=seq_lens.device)
+    tables = ctx.block_tables[first_seq:]
+    tiles, start = [], 0
+    while start < len(order):
+        nblk = -(-host_lens[order[start]] // block_size)
+        count = len(order)
+        if seq_lens.device.type == "cpu":
+            count = max(_DECODE_TILE_MIN_ROWS, _DECODE_TILE_BYTES // (nblk * block_size * bytes_per_token))
+        rows = torch.tensor(order[start:start + count], device=seq_lens.device)
+        mask = k_pos[None, :nblk * block_size] < seq_lens[rows, None]                  # [rows, Lk]
+        tiles.append((rows, tables[rows, :nblk].long(), mask[:, None, None, :]))
+        start += count
+    return tiles
 
 
 def sdpa_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -66,26 +104,30 @@ def sdpa_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     num_prefill, num_prefill_tokens = ctx.num_prefill_seqs, ctx.num_prefill_tokens
     out = torch.empty_like(q)
     if num_prefill:
-        plan = ctx.derived.get("sdpa_prefill")
-        if plan is None:
-            plan = ctx.derived["sdpa_prefill"] = _sdpa_prefill_plan(ctx, num_prefill, block_size)
-        qp = q[plan["q_index"]].transpose(1, 2)                                    # [P, H, Qmax, D]
-        k = _gather_context(k_cache, plan["block_tables"])
-        v = _gather_context(v_cache, plan["block_tables"])
-        o = F.scaled_dot_product_attention(qp, k, v, attn_mask=plan["mask"], scale=scale, enable_gqa=True)
-        out[:num_prefill_tokens] = o.transpose(1, 2)[plan["valid_q"]]
+        plans = ctx.derived.get("sdpa_prefill")
+        if plans is None:
+            plans = ctx.derived["sdpa_prefill"] = _sdpa_prefill_plan(ctx, num_prefill, block_size)
+        for rows, k_len, block_tables, mask in plans:
+            k = _gather_context(k_cache, block_tables, "k")[:, :, :k_len]                 # [1, KVH, Lk, D]
+            v = _gather_context(v_cache, block_tables, "v")[:, :, :k_len]
+            o = F.scaled_dot_product_attention(q[rows].transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask,
+                                               is_causal=mask is None, scale=scale, enable_gqa=True)
+            out[rows] = o.squeeze(0).transpose(0, 1)
     if num_prefill_tokens < q.shape[0]:
-        plan = ctx.derived.get("sdpa_decode")
-        if plan is None:
-            plan = ctx.derived["sdpa_decode"] = _sdpa_decode_plan(ctx, num_prefill, block_size)
         kvh = k_cache.shape[2]
+        tiles = ctx.derived.get("sdpa_decode")
+        if tiles is None:
+            bytes_per_token = 2 * kvh * k_cache.shape[3] * k_cache.element_size()
+            tiles = ctx.derived["sdpa_decode"] = _sdpa_decode_plan(ctx, num_prefill, block_size, bytes_per_token)
         # A decode query per head; fold each KV head's query group into the query-length axis, so GQA
         # becomes plain attention over [B, KVH] with no repeated keys.
         qd = q[num_prefill_tokens:].view(-1, kvh, q.shape[1] // kvh, q.shape[2])  # [B, KVH, G, D]
-        k = _gather_context(k_cache, plan["block_tables"])
-        v = _gather_context(v_cache, plan["block_tables"])
-        o = F.scaled_dot_product_attention(qd, k, v, attn_mask=plan["mask"], scale=scale)
-        out[num_prefill_tokens:] = o.reshape(-1, q.shape[1], q.shape[2])
+        od = out[num_prefill_tokens:].view(qd.shape)
+        for rows, block_tables, mask in tiles:
+            k = _gather_context(k_cache, block_tables, "k")
+            v = _gather_context(v_cache, block_tables, "v")
+            o = F.scaled_dot_product_attention(qd.index_select(0, rows), k, v, attn_mask=mask, scale=scale)
+            od.index_copy_(0, rows, o)
     return out
 
 

@@ -8,6 +8,7 @@ import torch
 
 from serving import LLM, SamplingParams
 from serving.engine.errors import RequestTooLargeError
+from serving.layers import attention
 from tests.fixtures.checkpoints import hf_model
 
 PROMPT_LENS = (5, 17, 42, 64, 100, 150, 233, 300)
@@ -79,10 +80,12 @@ def test_preemption_with_a_tiny_pool_keeps_outputs_exact(llama_dir: Path, prompt
     assert not small.engine.has_unfinished_requests()
 
 
-def test_batch_invariance(llm, prompts, reference):
+def test_batch_invariance(llm, prompts, reference, monkeypatch):
     target, expected = prompts[4], reference[4]
     others = [random_prompt(20 + 13 * i, seed=100 + i) for i in range(15)]
     assert tokens(llm.generate([target], GREEDY)) == [expected]
+    # The smallest decode tiles (4 sequences each), so the batch runs as several tiles of mixed lengths.
+    monkeypatch.setattr(attention, "_DECODE_TILE_BYTES", 1)
     batch = others[:7] + [target] + others[7:]
     assert tokens(llm.generate(batch, GREEDY))[7] == expected
 
@@ -179,6 +182,18 @@ def test_stop_token_ids(llm, prompts, reference):
     [out] = llm.generate([prompts[6]], SamplingParams(temperature=0, max_tokens=NEW_TOKENS,
                                                       stop_token_ids=[stop_token]))
     assert out.outputs[0].token_ids == expected[:end] and out.outputs[0].finish_reason == "stop"
+
+
+def test_eos_ends_a_request_unless_ignored(llm, prompts, reference, monkeypatch):
+    expected = reference[5]
+    # Random weights seldom produce </s>: make a token greedy decoding is known to produce the EOS.
+    eos = expected[20]
+    monkeypatch.setattr(llm.engine, "eos_token_ids", frozenset({eos}))
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS)
+    [out] = llm.generate([prompts[5]], params)
+    assert out.outputs[0].token_ids == expected[:expected.index(eos) + 1]
+    assert out.outputs[0].finish_reason == "stop"
+    assert tokens(llm.generate([prompts[5]], GREEDY)) == [expected]
 
 
 def test_abort_frees_blocks(llm, prompts):

@@ -1,0 +1,273 @@
+"""Serving overhead under load: N concurrent streaming HTTP clients against the Ray Serve stack, versus the same
+workload on the in-process AsyncLLMEngine, in the same run and with the same engine settings.
+
+Workload per concurrency level N: `max(N * rounds, min_requests)` requests, each a random-token prompt
+(length uniform in [32, 256]) asking for a number of new tokens uniform in [32, 128], greedy, EOS ignored,
+fixed seed, at most N in flight. The server runs one LLM replica with as many torch threads as the
+in-process engine gets, behind the ingress, over loopback HTTP with SSE (`/v1/completions`, token-id
+prompts, so both sides skip the same tokenization) at its default settings, where a busy replica sends a
+stream's tokens in small groups (`stream_items_per_s`); per-token latencies come from the chunks' running
+usage (`continuous_usage_stats`). Reported per level: generated tokens/s of each and
+their ratio (goal >= 0.9), time to first token and inter-token latency p50/p99 of each.
+
+    python benchmarks/serving_load.py                       # concurrency 1 4 16 32
+    python benchmarks/serving_load.py --concurrency 1 8 --rounds 2 --min-requests 8    # small and quick
+
+Writes benchmarks/results/serving_load.json and serving_load.png (throughput and latency charts).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Sample:
+    ttft: float
+    gaps: list[float] = field(default_factory=list)   # one per generated token after the first
+    tokens: int = 0
+
+
+@dataclass
+class Level:
+    concurrency: int
+    wall_s: float
+    samples: list[Sample]
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(s.tokens for s in self.samples) / self.wall_s
+
+    def summary(self) -> dict:
+        ttft = sorted(s.ttft for s in self.samples)
+        gaps = sorted(g for s in self.samples for g in s.gaps)
+        return {"concurrency": self.concurrency, "requests": len(self.samples), "wall_s": round(self.wall_s, 3),
+                "tokens": sum(s.tokens for s in self.samples), "tokens_per_s": round(self.tokens_per_s, 1),
+                "ttft_p50_ms": _ms(_pct(ttft, 50)), "ttft_p99_ms": _ms(_pct(ttft, 99)),
+                "itl_p50_ms": _ms(_pct(gaps, 50)), "itl_p99_ms": _ms(_pct(gaps, 99))}
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1e3, 2)
+
+
+def workload(n: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    # Token ids from the vocabulary's body (past the special and byte tokens), BOS first.
+    return [([1] + [rng.randrange(300, vocab) for _ in range(rng.randint(32, 256) - 1)], rng.randint(32, 128))
+            for _ in range(n)]
+
+
+async def _run_level(concurrency: int, requests: list[tuple[list[int], int]], one) -> Level:  # noqa: ANN001
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def limited(prompt: list[int], max_tokens: int) -> Sample:
+        async with semaphore:
+            return await one(prompt, max_tokens)
+
+    start = time.perf_counter()
+    samples = await asyncio.gather(*(limited(p, m) for p, m in requests))
+    return Level(concurrency, time.perf_counter() - start, list(samples))
+
+
+async def run_in_process(engine_config, levels: list[tuple[int, list]]) -> list[Level]:  # noqa: ANN001
+    from serving.engine.async_engine import AsyncLLMEngine
+    from serving.sampling_params import SamplingParams
+
+    engine = AsyncLLMEngine(engine_config)
+    counter = iter(range(10**9))
+
+    async def one(prompt: list[int], max_tokens: int) -> Sample:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        start = last = time.perf_counter()
+        sample: Sample | None = None
+        async for out in engine.generate(prompt, params, f"r{next(counter)}"):
+            now = time.perf_counter()
+            new = len(out.outputs[0].delta_token_ids)
+            if not new:
+                continue
+            if sample is None:
+                sample = Sample(ttft=now - start)
+                new -= 1
+            sample.gaps.extend([(now - last) / max(1, new)] * new)
+            sample.tokens = len(out.outputs[0].token_ids)
+            last = now
+        return sample
+
+    try:
+        await _run_level(1, levels[0][1][:2], one)  # warm-up
+        return [await _run_level(c, reqs, one) for c, reqs in levels]
+    finally:
+        await engine.shutdown()
+
+
+async def run_server(base_url: str, model: str, levels: list[tuple[int, list]]) -> list[Level]:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(base_url, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
+
+        async def one(prompt: list[int], max_tokens: int) -> Sample:
+            # continuous_usage_stats: each chunk says how many tokens it completes, so a chunk of k tokens
+            # that arrives `gap` after the previous one counts as k gaps of gap/k.
+            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                    "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+            start = last = time.perf_counter()
+            sample: Sample | None = None
+            async with session.post("/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for raw in r.content:
+                    if not raw.startswith(b"data: {"):
+                        continue
+                    now = time.perf_counter()
+                    chunk = json.loads(raw[6:])
+                    tokens = chunk["usage"]["completion_tokens"]
+                    new = tokens - (sample.tokens if sample else 0)
+                    if new <= 0:
+                        continue
+                    if sample is None:
+                        sample = Sample(ttft=now - start)
+                        new -= 1
+                    sample.gaps.extend([(now - last) / max(1, new)] * new)
+                    sample.tokens = tokens
+                    last = now
+            return sample
+
+        await _run_level(1, levels[0][1][:2], one)  # warm-up
+        return [await _run_level(c, reqs, one) for c, reqs in levels]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for key, style in (("in_process", "o-"), ("server", "s--")):
+        rows = results[key]
+        x = [r["concurrency"] for r in rows]
+        axes[0].plot(x, [r["tokens_per_s"] for r in rows], style, label=key.replace("_", "-"))
+        axes[1].plot(x, [r["ttft_p50_ms"] for r in rows], style, label=f"{key} p50")
+        axes[1].plot(x, [r["ttft_p99_ms"] for r in rows], style, alpha=0.5, label=f"{key} p99")
+        axes[2].plot(x, [r["itl_p50_ms"] for r in rows], style, label=f"{key} p50")
+        axes[2].plot(x, [r["itl_p99_ms"] for r in rows], style, alpha=0.5, label=f"{key} p99")
+    for ax, title, unit in ((axes[0], "generated tokens/s", "tokens/s"), (axes[1], "time to first token", "ms"),
+                            (axes[2], "inter-token latency", "ms")):
+        ax.set_title(title)
+        ax.set_xlabel("concurrent streaming clients")
+        ax.set_ylabel(unit)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    ratios = ", ".join(f"N={r['concurrency']}: {r['throughput_ratio']:.2f}" for r in results["comparison"])
+    fig.suptitle(f"mosaic-serve over HTTP vs in-process engine ({results['model']}); throughput ratio {ratios}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny-llama-2-chat")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
+    parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serving_load.json")
+    args = parser.parse_args()
+
+    from serving.deployment import AppConfig, build_app
+    from serving.models.loader import load_config
+    from serving.models.tiny import resolve_model
+
+    vocab = load_config(resolve_model(args.model)).vocab_size
+    levels = [(c, workload(max(c * args.rounds, args.min_requests), args.seed + c, vocab)) for c in args.concurrency]
+    threads = torch.get_num_threads()
+    max_seqs = max(args.concurrency)
+    # Room for every sequence at its longest (256 + 128 tokens), so neither side preempts.
+    num_kv_blocks = max_seqs * (384 // 16 + 1)
+    app = AppConfig(model=args.model, num_replicas=1, llm_num_cpus=float(threads), max_num_seqs=max_seqs,
+                    max_waiting_requests=max(64, max_seqs), num_kv_blocks=num_kv_blocks, embedding_model="none",
+                    ingress_num_cpus=0.5)
+
+    print(f"in-process engine ({threads} torch threads) ...", flush=True)
+    in_process = asyncio.run(run_in_process(app.engine_config(), levels))
+
+    import ray
+    from ray import serve
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray-bench-", dir="/tmp"))
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        ray.init(include_dashboard=False, num_cpus=threads + 2, object_store_memory=200 * 1024 * 1024,
+                 _temp_dir=str(ray_tmp), log_to_driver=False)
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        print("starting the server ...", flush=True)
+        serve.run(build_app(app), name="bench", route_prefix="/")
+        print("server under load ...", flush=True)
+        server = asyncio.run(run_server(f"http://127.0.0.1:{port}", app.engine_config().served_model_name, levels))
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+    results = {
+        "benchmark": "serving_load", "model": args.model, "torch_threads": threads, "cpus": os.cpu_count(),
+        "platform": platform.platform(), "python": sys.version.split()[0],
+        "workload": {"prompt_tokens": [32, 256], "max_tokens": [32, 128], "greedy": True, "ignore_eos": True,
+                     "rounds": args.rounds, "min_requests": args.min_requests, "seed": args.seed},
+        "in_process": [lv.summary() for lv in in_process], "server": [lv.summary() for lv in server],
+    }
+    results["comparison"] = [
+        {"concurrency": a.concurrency, "throughput_ratio": round(b.tokens_per_s / a.tokens_per_s, 3)}
+        for a, b in zip(in_process, server)
+    ]
+    header = (f"{'N':>4} {'engine tok/s':>12} {'server tok/s':>12} {'ratio':>6} | {'TTFT p50/p99 ms (engine)':>25} "
+              f"{'(server)':>17} | {'ITL p50/p99 ms (engine)':>24} {'(server)':>15}")
+    print(header)
+    for a, b, c in zip(results["in_process"], results["server"], results["comparison"]):
+        print(f"{a['concurrency']:>4} {a['tokens_per_s']:>12.1f} {b['tokens_per_s']:>12.1f} {c['throughput_ratio']:>6.2f} | "
+              f"{a['ttft_p50_ms']:>12.1f}/{a['ttft_p99_ms']:<12.1f} {b['ttft_p50_ms']:>8.1f}/{b['ttft_p99_ms']:<8.1f} | "
+              f"{a['itl_p50_ms']:>11.2f}/{a['itl_p99_ms']:<12.2f} {b['itl_p50_ms']:>7.2f}/{b['itl_p99_ms']:<7.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    png = args.out.with_suffix(".png")
+    chart(results, png)
+    print(f"wrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""Offline throughput: our engine versus transformers' `generate` on the same model, in the same run.
+
+Workload: `--num-requests` random-token prompts (lengths uniform in [16, 512]) each asking for a number of
+new tokens uniform in [16, 256], greedy, EOS ignored, fixed seed. Only the tokens each request asked for
+count as useful. transformers runs static left-padded batches (each batch runs until its longest request
+is done) at several batch sizes; our engine runs everything at once at its defaults, and again capped at
+transformers' best batch size. Batch-1 decode speed is the per-token time of a long generation minus a
+one-token one (so the prefill cancels out).
+
+Models: the embedded default (`tiny-llama-2-chat`) and a ~100M-parameter Llama written with random
+weights to a temporary folder. Prints a table and writes JSON under benchmarks/results/.
+
+    python benchmarks/throughput.py              # full run
+    python benchmarks/throughput.py --quick      # a few minutes: fewer requests, fewer batch sizes
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from serving import LLM, SamplingParams
+from serving.models.tiny import TINY_MODEL_NAME, resolve_model, write_random_weights
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# Llama-2 proportions (MHA, SwiGLU at ~3.3x) scaled to ~100M parameters; the tiny tokenizer's vocabulary.
+MODEL_100M = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 2560,
+    "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
+    "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+    "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+}
+
+
+def build_100m(folder: Path, tokenizer_dir: Path) -> Path:
+    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    config = dict(MODEL_100M, vocab_size=vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            (folder / name).write_bytes((tokenizer_dir / name).read_bytes())
+    write_random_weights(folder, config, seed=0)
+    return folder
+
+
+def workload(num_requests: int, seed: int, vocab: int, prompt_range: tuple[int, int],
+             output_range: tuple[int, int]) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(num_requests):
+        length = rng.randint(*prompt_range)
+        prompt = [1] + [rng.randrange(3, vocab) for _ in range(length - 1)]
+        requests.append((prompt, rng.randint(*output_range)))
+    return requests
+
+
+def run_engine(llm: LLM, requests: list[tuple[list[int], int]]) -> float:
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
+    start = time.perf_counter()
+    outputs = llm.generate([p for p, _ in requests], params)
+    elapsed = time.perf_counter() - start
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [n for _, n in requests]
+    return elapsed
+
+
+def run_transformers(model, requests: list[tuple[list[int], int]], batch_size: int) -> float:
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i:i + batch_size]
+        width = max(len(p) for p, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (prompt, _) in enumerate(batch):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=mask, max_new_tokens=max(n for _, n in batch), do_sample=False,
+                           eos_token_id=None, pad_token_id=0)
+    return time.perf_counter() - start
+
+
+def decode_ms_per_token(generate_one, prompt: list[int], new_tokens: int) -> float:
+    generate_one(prompt, 1)                                   # warm-up
+    start = time.perf_counter()
+    generate_one(prompt, 1)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    generate_one(prompt, new_tokens + 1)
+    many = time.perf_counter() - start
+    return (many - one) / new_tokens * 1e3
+
+
+def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: int) -> dict:
+    from transformers import LlamaForCausalLM
+
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    requests = workload(num_requests, args.seed, vocab, (16, 512), (16, args.max_output))
+    useful = sum(n for _, n in requests)
+    print(f"\n== {name}: {num_requests} requests, {sum(len(p) for p, _ in requests)} prompt tokens, "
+          f"{useful} useful output tokens", flush=True)
+    result: dict = {"model": name, "num_requests": num_requests, "useful_tokens": useful, "transformers": {}}
+
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for batch_size in args.batch_sizes:
+        seconds = run_transformers(hf, requests, batch_size)
+        result["transformers"][batch_size] = {"seconds": seconds, "tokens_per_s": useful / seconds}
+        print(f"transformers batch {batch_size}: {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
+    best_bs = max(result["transformers"], key=lambda b: result["transformers"][b]["tokens_per_s"])
+    result["transformers_best_batch"] = best_bs
+
+    def hf_one(prompt: list[int], n: int) -> None:
+        with torch.inference_mode():
+            hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                        max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    decode_prompt = requests[0][0][:128]
+    result["transformers_decode_ms"] = decode_ms_per_token(hf_one, decode_prompt, args.decode_tokens)
+    del hf
+    gc.collect()
+
+    llm = LLM(str(path))
+    run_engine(llm, requests[:4])                             # warm-up
+    seconds = run_engine(llm, requests)
+    result["engine"] = {"seconds": seconds, "tokens_per_s": useful / seconds,
+                        "num_preemptions": llm.engine.stats().num_preemptions}
+    print(f"engine (defaults):  {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
+
+    def engine_one(prompt: list[int], n: int) -> None:
+        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+
+    result["engine_decode_ms"] = decode_ms_per_token(engine_one, decode_prompt, args.decode_tokens)
+    del llm
+    gc.collect()
+
+    capped = LLM(str(path), max_num_seqs=best_bs)
+    seconds = run_engine(capped, requests)
+    result["engine_same_batch"] = {"max_num_seqs": best_bs, "seconds": seconds, "tokens_per_s": useful / seconds}
+    print(f"engine (max_num_seqs={best_bs}): {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
+    del capped
+    gc.collect()
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| model | run | tokens/s | vs transformers best |")
+    print("| --- | --- | ---: | ---: |")
+    for r in results:
+        best = r["transformers"][r["transformers_best_batch"]]["tokens_per_s"]
+        for bs, t in r["transformers"].items():
+            print(f"| {r['model']} | transformers static batch {bs} | {t['tokens_per_s']:.1f} | "
+                  f"{t['tokens_per_s'] / best:.2f}x |")
+        print(f"| {r['model']} | engine (defaults) | {r['engine']['tokens_per_s']:.1f} | "
+              f"{r['engine']['tokens_per_s'] / best:.2f}x |")
+        same = r["engine_same_batch"]
+        print(f"| {r['model']} | engine (max_num_seqs={same['max_num_seqs']}) | {same['tokens_per_s']:.1f} | "
+              f"{same['tokens_per_s'] / best:.2f}x |")
+    print("\n| model | batch-1 decode ms/token: engine | transformers | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['transformers_decode_ms']:.2f} | "
+              f"{r['transformers_decode_ms'] / r['engine_decode_ms']:.2f}x |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="32 requests (8 on the 100M model), batch 16 and 32")
+    parser.add_argument("--models", nargs="+", choices=("default", "100m"), default=["default", "100m"])
+    parser.add_argument("--num-requests", type=int, help="requests on the default model (default 128)")
+    parser.add_argument("--num-requests-100m", type=int,
+                        help="requests on the 100M model (default 32: it is ~50x the compute per token)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="transformers batch sizes (default 16 32 64)")
+    parser.add_argument("--max-output", type=int, default=256, help="output lengths are uniform in [16, this]")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens for the batch-1 decode timing")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads for both sides (default: torch's)")
+    parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/throughput-<time>.json)")
+    args = parser.parse_args(argv)
+    args.num_requests = args.num_requests or (32 if args.quick else 128)
+    args.num_requests_100m = args.num_requests_100m or (8 if args.quick else 32)
+    args.batch_sizes = args.batch_sizes or ([16, 32] if args.quick else [16, 32, 64])
+    # Both sides run in this process: flush denormals for both (the engine would set it for itself).
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    tiny = resolve_model(TINY_MODEL_NAME)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-100m-") as tmp:
+        for model in args.models:
+            if model == "default":
+                results.append(bench_model(TINY_MODEL_NAME, tiny, args, args.num_requests))
+            else:
+                path = build_100m(Path(tmp) / "llama-100m", tiny)
+                results.append(bench_model("llama-100m", path, args, args.num_requests_100m))
+    print_table(results)
+    output = args.output or RESULTS_DIR / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps({
+        "torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
+        "threads": torch.get_num_threads(), "quick": args.quick, "results": results,
+    }, indent=2))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The FastAPI application of the ingress: middleware, error mapping, health, metrics and the routers.
+
+Order of checks for a request: authentication (401, before the body is even read), body size (413),
+JSON and schema (400/422), model (404), token window (400), rate limit (429), queue (503).
+Logs carry endpoint, status, key name, token counts and latency; never request or response bodies, and
+never error messages of 4xx answers (they may quote the caller's input).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.api import mosaic, openai
+from serving.api.auth import ANONYMOUS
+from serving.api.context import ApiContext
+from serving.api.errors import APIError, error_body
+
+logger = logging.getLogger(__name__)
+
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+
+
+def create_app(ctx: ApiContext) -> FastAPI:
+    app = FastAPI(title="mosaic-serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.to_response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return APIError(400, "the request body is not valid JSON", "invalid_json").to_response()
+        # loc and msg only: pydantic's `input` would echo (possibly huge, possibly private) request content.
+        detail = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                           for e in errors[:10])
+        return APIError(422, f"invalid request: {detail}", "invalid_field").to_response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return JSONResponse(error_body(exc.status_code, message, code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        # The type only: an exception's text can carry request content.
+        logger.error("internal error %s", type(exc).__name__)
+        return JSONResponse(error_body(500, "internal server error", "internal_error"), status_code=500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        checks = await asyncio.gather(*(b.health() for b in (ctx.llm, ctx.embedder) if b is not None))
+        replicas = [r for results in checks for r in results]
+        # Each model needs at least one healthy replica; Ray replaces the unhealthy ones.
+        healthy = all(any(r.get("healthy") for r in results) for results in checks)
+        return JSONResponse({"status": "ok" if healthy else "unhealthy", "replicas": replicas},
+                            status_code=200 if healthy else 503,
+                            headers=None if healthy else {"Retry-After": str(ctx.settings.retry_after_s)})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if ctx.llm is not None:
+            ctx.metrics.set_engine_stats(await ctx.llm.stats())
+        body, content_type = ctx.metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.include_router(openai.build_router(ctx))
+    app.include_router(mosaic.build_router(ctx))
+    # Added last = outermost: access log, then auth, then the body limit, then FastAPI.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.settings.max_request_bytes)
+    app.add_middleware(AuthMiddleware, ctx=ctx)
+    app.add_middleware(AccessMiddleware, ctx=ctx)
+    return app
+
+
+class BodyLimitMiddleware:
+    """413 (our JSON error) for a body over `max_bytes`: by Content-Length up front, else while reading."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"request body is larger than {self.max_bytes} bytes"
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await JSONResponse(error_body(413, message, "request_too_large"), status_code=413)(scope, receive, send)
+            return
+        received = 0
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    # FastAPI passes an HTTPException raised while reading the body on to our handler.
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, counting_receive, send)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below the application's route prefix (Ray Serve passes it as the ASGI root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
+class AuthMiddleware:
+    """Resolves the API key before routing or body parsing; sets `request.state.key`."""
+
+    def __init__(self, app: ASGIApp, ctx: ApiContext):
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _route_path(scope) in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        state = scope.setdefault("state", {})
+        if self.ctx.keys is None:
+            state["key"] = ANONYMOUS
+        else:
+            header = dict(scope["headers"]).get(b"authorization")
+            try:
+                state["key"] = self.ctx.keys.authenticate(header.decode("latin-1") if header else None)
+            except APIError as exc:
+                await exc.to_response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class AccessMiddleware:
+    """Counts and logs every request by endpoint (the route template), status and key name."""
+
+    def __init__(self, app: ASGIApp, ctx: ApiContext):
+        self.app = app
+        self.metrics = ctx.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            key = scope.get("state", {}).get("key")
+            key_name = key.name if key is not None else "-"
+            latency = time.perf_counter() - start
+            self.metrics.requests.labels(endpoint, str(status), key_name).inc()
+            self.metrics.request_latency.labels(endpoint).observe(latency)
+            if endpoint not in PUBLIC_PATHS:
+                logger.info("%s %s %d key=%s %.1fms", scope["method"], endpoint, status, key_name, latency * 1e3)

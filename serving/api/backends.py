@@ -1,0 +1,138 @@
+"""The ingress's view of the model deployments: Ray Serve deployment handles plus error mapping.
+
+Failures of the Ray layer become HTTP errors here: a full caller-side queue (`BackPressureError`) and a
+replica that died or is being replaced are 503 with Retry-After, which clients can retry. A generation whose
+replica died before it produced anything is retried once on another replica, so killing a replica costs
+in-flight streams at most, not the requests queued behind them.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.serve.handle import DeploymentHandle
+from transformers import PreTrainedTokenizerBase
+
+from serving.api.errors import APIError, unavailable
+
+logger = logging.getLogger(__name__)
+
+_REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
+# One increment of one completion: (index within n, new text, tokens generated so far, finish reason).
+Delta = tuple[int, str, int, str | None]
+
+
+@dataclass
+class LLMInfo:
+    name: str
+    max_model_len: int
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass
+class EmbeddingInfo:
+    name: str
+    dimensions: int
+    max_input_tokens: int
+    tokenizer: PreTrainedTokenizerBase
+
+
+def map_ray_error(exc: BaseException, retry_after: int) -> APIError | None:
+    """The HTTP error for a failure of the Ray layer, or None if `exc` is not one."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return unavailable("all replicas are busy and the queue is full; retry later", "queue_full", retry_after)
+    if isinstance(exc, _REPLICA_GONE):
+        return unavailable("the replica serving this request went away; retry", "replica_unavailable", retry_after)
+    return None
+
+
+class _Backend:
+    def __init__(self, handle: DeploymentHandle, retry_after: int):
+        self._handle = handle
+        self.retry_after = retry_after
+
+    async def _broadcast(self, method: str, timeout_s: float) -> list[Any]:
+        """`method` on every replica: its result or the exception it raised. While the deployment has no
+        running replica at all (being replaced) that is one exception."""
+        try:
+            return await self._handle.broadcast(method).results_async(timeout_s=timeout_s, return_exceptions=True)
+        except Exception as exc:
+            return [exc]
+
+    async def health(self, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        """Every replica's own account of its health (a replica that does not answer is unhealthy)."""
+        results = await self._broadcast("health", timeout_s)
+        return [r if isinstance(r, dict) else {"healthy": False, "error": type(r).__name__} for r in results]
+
+
+class LLMBackend(_Backend):
+    def __init__(self, handle: DeploymentHandle, info: LLMInfo, retry_after: int):
+        super().__init__(handle, retry_after)
+        self._stream = handle.options(stream=True)
+        self.info = info
+
+    @classmethod
+    async def connect(cls, handle: DeploymentHandle, retry_after: int) -> LLMBackend:
+        info = await handle.model_info.remote()
+        return cls(handle, LLMInfo(**info), retry_after)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: dict[str, Any]) -> AsyncIterator[list[Delta]]:
+        """Stream a request's increments from an LLM replica; raises APIError for every failure mode."""
+        for attempt in (1, 2):
+            response = self._stream.generate.remote(request_id, prompt_token_ids, params)
+            started = ended = False
+            try:
+                async for deltas in response:
+                    started = True
+                    yield deltas
+                ended = True
+                return
+            except Exception as exc:
+                ended = True
+                error = map_ray_error(exc, self.retry_after)
+                if error is None:
+                    raise
+                if error.code == "replica_unavailable" and not started and attempt == 1:
+                    logger.warning("request %s: replica died before the first token; retrying", request_id)
+                    continue
+                raise error from None
+            finally:
+                if not ended:
+                    # The consumer left early (client disconnect, cancellation): abort the replica-side
+                    # request so the engine frees its KV blocks. Best effort: cancel() re-raises a failure
+                    # the response already holds.
+                    with contextlib.suppress(Exception):
+                        response.cancel()
+
+    async def stats(self, timeout_s: float = 5.0) -> list[dict[str, Any]]:
+        return [r for r in await self._broadcast("stats", timeout_s) if isinstance(r, dict)]
+
+
+class EmbeddingBackend(_Backend):
+    def __init__(self, handle: DeploymentHandle, info: EmbeddingInfo, retry_after: int):
+        super().__init__(handle, retry_after)
+        self.info = info
+
+    @classmethod
+    async def connect(cls, handle: DeploymentHandle, retry_after: int) -> EmbeddingBackend:
+        info = await handle.info.remote()
+        return cls(handle, EmbeddingInfo(**info), retry_after)
+
+    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        try:
+            return await self._handle.embed.remote(texts)
+        except Exception as exc:
+            error = map_ray_error(exc, self.retry_after)
+            if error is None:
+                raise
+            raise error from None

@@ -1,0 +1,55 @@
+"""Everything a request handler needs, built once per ingress replica."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serving.api.auth import KeyStore
+from serving.api.backends import EmbeddingBackend, LLMBackend
+from serving.api.errors import APIError
+from serving.api.metrics import Metrics
+from serving.api.ratelimit import RateLimiter
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    api_keys_file: str | None = None           # None: no authentication (the CLI allows it on loopback only)
+    key_reload_interval_s: float = 1.0
+    rate_limit_storage: str = "memory://"      # memory:// is per ingress replica; redis://... is shared
+    max_request_bytes: int = 2 * 1024 * 1024
+    default_max_tokens: int = 256              # chat and predict without max_tokens (completions default to 16)
+    max_prompts_per_request: int = 64
+    retry_after_s: int = 1
+
+
+@dataclass
+class ApiContext:
+    settings: ApiSettings
+    keys: KeyStore | None
+    limiter: RateLimiter
+    metrics: Metrics
+    llm: LLMBackend | None
+    embedder: EmbeddingBackend | None
+
+    @classmethod
+    def create(cls, settings: ApiSettings, llm: LLMBackend | None, embedder: EmbeddingBackend | None) -> ApiContext:
+        keys = KeyStore(settings.api_keys_file, settings.key_reload_interval_s) if settings.api_keys_file else None
+        return cls(settings, keys, RateLimiter(settings.rate_limit_storage), Metrics(), llm, embedder)
+
+    def model_names(self) -> list[str]:
+        return [b.info.name for b in (self.llm, self.embedder) if b is not None]
+
+    def llm_for(self, model: str) -> LLMBackend:
+        if self.llm is not None and model == self.llm.info.name:
+            return self.llm
+        raise self._unknown(model, "text generation")
+
+    def embedder_for(self, model: str) -> EmbeddingBackend:
+        if self.embedder is not None and model == self.embedder.info.name:
+            return self.embedder
+        raise self._unknown(model, "embeddings")
+
+    def _unknown(self, model: str, task: str) -> APIError:
+        served = ", ".join(self.model_names()) or "none"
+        # The name is the caller's own input: quote a bounded prefix of it.
+        return APIError(404, f"model {model[:100]!r} is not served for {task} here (served: {served})",
+                        "model_not_found")

@@ -1,0 +1,56 @@
+"""HTTP errors of the serving tier: one exception type, one JSON shape.
+
+Every error the API returns is `{"error": {"message", "type", "code"}}` with a 4xx/5xx status. The
+exception also crosses Ray (an LLM replica raises it, the ingress turns it into a response), so it
+pickles by its constructor arguments. Messages never contain prompt or completion text: they end up in
+logs and tracebacks.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+# Seconds a client should wait after a 503 before retrying the same request elsewhere or later.
+DEFAULT_RETRY_AFTER_S = 1
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None, retry_after: int | None = None):
+        super().__init__(status, message, code, retry_after)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.code or _TYPES.get(self.status, 'error')}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return error_body(self.status, self.message, self.code)
+
+    def to_response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse(self.to_dict(), status_code=self.status, headers=headers)
+
+
+def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "code": code}}
+
+
+def bad_request(message: str, code: str = "invalid_request") -> APIError:
+    return APIError(400, message, code)
+
+
+def unavailable(message: str, code: str = "unavailable", retry_after: int = DEFAULT_RETRY_AFTER_S) -> APIError:
+    return APIError(503, message, code, retry_after)

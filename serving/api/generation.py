@@ -1,0 +1,212 @@
+"""What the text endpoints share: tokenize, check the context window, charge the key, stream, account.
+
+Every text endpoint (completions, chat, predict) is a list of prompts, each run with the same sampling
+parameters and `n` samples. `GenerationJob` plans them (one replica request per prompt), and `events()`
+merges their increments into one stream. Non-streamed responses are built by folding that same stream, so
+the streamed text and the non-streamed text cannot disagree.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from jinja2 import TemplateError
+from transformers import PreTrainedTokenizerBase
+
+from serving.api.auth import KeyRecord
+from serving.api.backends import LLMBackend
+from serving.api.errors import APIError, bad_request
+from serving.api.metrics import Metrics
+from serving.api.protocol import ChatMessage
+from serving.api.ratelimit import RateLimiter
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Tokenizing a long text can take a while; above this many characters it runs off the event loop.
+_INLINE_TOKENIZE_CHARS = 8192
+
+
+async def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Token ids of a raw prompt, with the BOS token, as the engine's `encode` does."""
+    if not text:
+        raise bad_request("prompt is empty")
+    if len(text) <= _INLINE_TOKENIZE_CHARS:
+        return tokenizer.encode(text, add_special_tokens=True)
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=True)
+
+
+async def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
+                      add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation under the model's chat template (roles were validated by the schema)."""
+    if not tokenizer.chat_template:
+        raise bad_request("this model has no chat template; use /v1/completions")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        # The template's own message (e.g. roles must alternate) names no content.
+        raise bad_request(f"invalid messages: {exc}", "invalid_messages") from None
+    # The template writes the BOS token itself.
+    if len(text) <= _INLINE_TOKENIZE_CHARS:
+        return tokenizer.encode(text, add_special_tokens=False)
+    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
+
+
+@dataclass
+class Choice:
+    """The accumulated state of one completion (one prompt, one of its n samples)."""
+
+    text: list[str] = field(default_factory=list)
+    num_tokens: int = 0
+    finish_reason: str | None = None
+
+
+@dataclass
+class Event:
+    """New text of completion `index` (prompt_index * n + sample index)."""
+
+    index: int
+    text: str
+    num_new_tokens: int
+    finish_reason: str | None
+
+
+class GenerationJob:
+    def __init__(self, llm: LLMBackend, metrics: Metrics, key: KeyRecord, prompts: list[list[int]],
+                 max_tokens: int | None, default_max_tokens: int, sampling: dict[str, Any], n: int):
+        """Validate the prompts against the context window and fix each one's max_tokens.
+
+        An explicit `max_tokens` must fit next to every prompt (400 naming both counts otherwise); without
+        one, each prompt gets `default_max_tokens` or what is left of the window, whichever is smaller.
+        """
+        self.llm, self.metrics, self.key = llm, metrics, key
+        self.prompts = prompts
+        self.n = n
+        self.sampling = sampling
+        window = llm.info.max_model_len
+        self.max_tokens: list[int] = []
+        for i, ids in enumerate(prompts):
+            which = f"prompt {i} has" if len(prompts) > 1 else "prompt has"
+            if max_tokens is not None:
+                if len(ids) + max_tokens > window:
+                    raise APIError(400, f"{which} {len(ids)} tokens and max_tokens is {max_tokens}: "
+                                   f"{len(ids) + max_tokens} exceeds the context window of {window} tokens",
+                                   "context_length_exceeded")
+                self.max_tokens.append(max_tokens)
+            elif len(ids) >= window:
+                raise APIError(400, f"{which} {len(ids)} tokens, which leaves no room to generate in the context "
+                               f"window of {window} tokens", "context_length_exceeded")
+            else:
+                self.max_tokens.append(min(default_max_tokens, window - len(ids)))
+        self.prompt_tokens = sum(len(ids) for ids in prompts)
+        self.choices = [Choice() for _ in range(len(prompts) * n)]
+        self.request_id = uuid.uuid4().hex
+
+    async def admit(self, limiter: RateLimiter) -> None:
+        """Charge the key for the prompt and the most this job can generate (429 when over its limits)."""
+        budget = self.prompt_tokens + self.n * sum(self.max_tokens)
+        await limiter.acquire(self.key, budget)
+        self.metrics.prompt_tokens.labels(self.llm.info.name, self.key.name).inc(self.prompt_tokens)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.choices)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """All completions' increments, merged in arrival order; records token and latency metrics."""
+        start = time.perf_counter()
+        last_token_at: float | None = None
+        name = self.llm.info.name
+        streams = [
+            self.llm.generate(f"{self.request_id}-{i}", ids, {**self.sampling, "n": self.n, "max_tokens": m})
+            for i, (ids, m) in enumerate(zip(self.prompts, self.max_tokens))
+        ]
+        async for prompt_index, deltas in _merge(streams):
+            now = time.perf_counter()
+            for sample, text, num_tokens, finish_reason in deltas:
+                choice = self.choices[prompt_index * self.n + sample]
+                new = num_tokens - choice.num_tokens
+                choice.num_tokens = num_tokens
+                choice.finish_reason = finish_reason
+                choice.text.append(text)
+                if new > 0:
+                    if last_token_at is None:
+                        self.metrics.ttft.labels(name).observe(now - start)
+                    else:
+                        gap = (now - last_token_at) / new
+                        for _ in range(new):
+                            self.metrics.itl.labels(name).observe(gap)
+                    last_token_at = now
+                    self.metrics.generation_tokens.labels(name, self.key.name).inc(new)
+                yield Event(prompt_index * self.n + sample, text, new, finish_reason)
+
+    async def run(self) -> None:
+        """Generate to the end without streaming (the texts accumulate in `choices`)."""
+        async for _ in self.events():
+            pass
+
+
+async def primed(stream: AsyncIterator[T]) -> AsyncIterator[T]:
+    """Start `stream` now: errors before its first item (bad input, full queue) raise here, before any
+    response byte is sent, so they can still become an HTTP status. Returns a stream of all its items."""
+    try:
+        first = await anext(stream)
+    except StopAsyncIteration:
+        first = None
+        empty = True
+    else:
+        empty = False
+
+    async def replay() -> AsyncIterator[T]:
+        async with contextlib.aclosing(stream):
+            if not empty:
+                yield first
+            async for item in stream:
+                yield item
+
+    return replay()
+
+
+async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams as their items arrive; the first error cancels the others."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for item in stream:
+                    queue.put_nowait((i, item, None))
+            queue.put_nowait((i, done, None))
+        except Exception as exc:
+            queue.put_nowait((i, None, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                remaining -= 1
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,283 @@
+"""`mosaic-serve`: run the serving stack on Ray Serve, and manage its API keys.
+
+    mosaic-serve --model M [--served-model-name N] [--tensor-parallel-size T] [--num-replicas R]
+                 [--host H] [--port P] [--api-keys-file F] [--embedding-model E|none] [...]
+    mosaic-serve keys add NAME --api-keys-file F [--requests-per-minute N] [--tokens-per-minute N]
+    mosaic-serve keys revoke NAME --api-keys-file F
+    mosaic-serve keys list --api-keys-file F
+    mosaic-serve dev        # what `make serve` runs: a dev key under .dev/, the default models on 127.0.0.1:8000
+
+Without `--address` (or RAY_ADDRESS) a local Ray instance is started; with it the application is deployed
+onto that cluster. Ctrl-C (or SIGTERM) stops taking requests, drains the ones in flight and exits.
+"""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from serving.api.auth import add_key, list_keys, revoke_key
+from serving.config import DEFAULT_MODEL
+from serving.embeddings import DEFAULT_EMBEDDING_MODEL
+
+logger = logging.getLogger("mosaic-serve")
+
+APP_NAME = "mosaic"
+DEV_DIR = Path(".dev")
+DEV_KEY_NAME = "dev"
+
+
+# ---- keys ------------------------------------------------------------------------------------------------
+
+
+def _keys_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mosaic-serve keys", description="Manage API keys (hashes only on disk).")
+    sub = parser.add_subparsers(dest="action", required=True)
+    add = sub.add_parser("add", help="create a key; it is printed once and only its hash is kept")
+    add.add_argument("name")
+    add.add_argument("--requests-per-minute", type=int, default=None)
+    add.add_argument("--tokens-per-minute", type=int, default=None)
+    revoke = sub.add_parser("revoke", help="delete a key (servers stop accepting it within seconds)")
+    revoke.add_argument("name")
+    sub.add_parser("list", help="names and limits of the keys")
+    for p in sub.choices.values():
+        p.add_argument("--api-keys-file", required=True, type=Path)
+    return parser
+
+
+def keys_main(argv: list[str]) -> int:
+    args = _keys_parser().parse_args(argv)
+    try:
+        if args.action == "add":
+            print(add_key(args.api_keys_file, args.name, args.requests_per_minute, args.tokens_per_minute))
+            print(f"key {args.name!r} added to {args.api_keys_file}; it is shown only this once", file=sys.stderr)
+        elif args.action == "revoke":
+            revoke_key(args.api_keys_file, args.name)
+            print(f"key {args.name!r} revoked", file=sys.stderr)
+        else:
+            for r in list_keys(args.api_keys_file):
+                print(f"{r.name}\trequests_per_minute={r.requests_per_minute or 'unlimited'}\t"
+                      f"tokens_per_minute={r.tokens_per_minute or 'unlimited'}\tcreated={r.created_at}")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- serve -----------------------------------------------------------------------------------------------
+
+
+def _serve_parser(prog: str = "mosaic-serve") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve a Llama chat model (and an embedding model) over "
+                                "HTTP on Ray Serve. Subcommands: `keys` (API keys), `dev` (`make serve`).")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} or a Hugging Face checkpoint folder")
+    p.add_argument("--served-model-name", help="the name clients use (default: the model name or folder name)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences one replica runs at once")
+    p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per replica (default: from free memory)")
+    p.add_argument("--num-replicas", type=int, default=1, help="LLM replicas (fixed count)")
+    p.add_argument("--min-replicas", type=int, help="autoscale LLM replicas between --min and --max-replicas")
+    p.add_argument("--max-replicas", type=int)
+    p.add_argument("--num-cpus-per-replica", type=float,
+                   help="CPUs (and torch threads) per LLM replica; default: the local cores shared out")
+    p.add_argument("--num-gpus-per-replica", type=float,
+                   help="GPUs per LLM replica (default: tensor-parallel-size when CUDA is visible, else 0)")
+    p.add_argument("--max-waiting-requests", type=int, default=64,
+                   help="requests one replica queues behind a full batch; more are refused with 503")
+    p.add_argument("--embedding-model", default=DEFAULT_EMBEDDING_MODEL,
+                   help=f"{DEFAULT_EMBEDDING_MODEL} (bundled), a sentence-transformers folder, or none")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-keys-file", type=Path, help="API key file (mosaic-serve keys add ...)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow serving without API keys on a non-loopback address")
+    p.add_argument("--rate-limit-storage", default="memory://",
+                   help="memory:// (per ingress replica) or a shared store such as redis://host:6379")
+    p.add_argument("--ingress-replicas", type=int, default=1)
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="seconds with work but no engine step before a replica reports unhealthy")
+    p.add_argument("--graceful-shutdown-timeout", type=float, default=60.0,
+                   help="seconds a stopping replica drains in-flight requests")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to deploy onto (default: start a local Ray instance)")
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """AppConfig fields from the command line (validated by AppConfig itself)."""
+    replicas = args.min_replicas if args.min_replicas is not None else args.num_replicas
+    if args.num_cpus_per_replica is not None:
+        llm_cpus = args.num_cpus_per_replica
+    else:
+        # Leave a core for the ingress, the embedding replica and Ray itself.
+        llm_cpus = float(max(1, ((os.cpu_count() or 2) - 1) // max(1, replicas)))
+    if args.num_gpus_per_replica is not None:
+        gpus = args.num_gpus_per_replica
+    else:
+        import torch
+
+        gpus = float(args.tensor_parallel_size) if torch.cuda.is_available() else 0.0
+    fields: dict[str, Any] = dict(
+        model=args.model, served_model_name=args.served_model_name,
+        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks, num_replicas=args.num_replicas,
+        llm_num_cpus=llm_cpus, llm_num_gpus=gpus, max_waiting_requests=args.max_waiting_requests,
+        embedding_model=args.embedding_model, ingress_num_replicas=args.ingress_replicas,
+        api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
+        rate_limit_storage=args.rate_limit_storage, stall_timeout_s=args.stall_timeout,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout,
+    )
+    if args.min_replicas is not None or args.max_replicas is not None:
+        fields["autoscaling"] = {"min_replicas": args.min_replicas if args.min_replicas is not None else 1,
+                                 "max_replicas": args.max_replicas or max(1, args.min_replicas or 1)}
+    return fields
+
+
+def _check_auth(args: argparse.Namespace) -> str | None:
+    """Why the server must not start with these auth settings, or None."""
+    if args.api_keys_file is None:
+        if not _is_loopback(args.host) and not args.insecure_no_auth:
+            return (f"refusing to serve on {args.host} without API keys: pass --api-keys-file (create keys with "
+                    "`mosaic-serve keys add NAME --api-keys-file F`) or --insecure-no-auth")
+        return None
+    if not args.api_keys_file.is_file():
+        return (f"API key file {args.api_keys_file} does not exist; create it with "
+                f"`mosaic-serve keys add NAME --api-keys-file {args.api_keys_file}`")
+    return None
+
+
+def serve_main(argv: list[str], on_ready: Any = None) -> int:
+    args = _serve_parser().parse_args(argv)
+    problem = _check_auth(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from serving.deployment import AppConfig, build_app, resources_needed
+
+    try:
+        config = AppConfig(**config_from_args(args))
+    except ValidationError as exc:
+        print(f"error: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if not args.api_keys_file:
+        logger.warning("serving WITHOUT authentication on %s", args.host)
+
+    import ray
+    from ray import serve
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if args.address:
+        ray.init(address=args.address)
+    else:
+        # Logical CPUs: at least what the replicas ask for, so fractional shares fit on a small machine.
+        ray.init(include_dashboard=False,
+                 num_cpus=max(os.cpu_count() or 1, math.ceil(resources_needed(config))))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        base_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        print(f"mosaic-serve: serving {config.engine_config().served_model_name}"
+              f"{' and ' + config.embedding_model if config.has_embeddings else ''} at {base_url}", flush=True)
+        if on_ready is not None:
+            on_ready(base_url, config)
+        stop.wait()
+        print("mosaic-serve: draining in-flight requests and stopping", flush=True)
+    finally:
+        if args.address:
+            serve.delete(APP_NAME)  # leave the cluster's other applications alone
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+# ---- dev (`make serve`) ----------------------------------------------------------------------------------
+
+
+def _dev_key(keys_file: Path, key_path: Path) -> tuple[str, bool]:
+    """The development key (kept in the git-ignored .dev/), created on first use. (key, newly created)."""
+    from serving.api.auth import hash_key
+
+    if key_path.is_file() and keys_file.is_file():
+        key = key_path.read_text().strip()
+        if any(r.sha256 == hash_key(key) for r in list_keys(keys_file)):
+            return key, False
+    if any(r.name == DEV_KEY_NAME for r in list_keys(keys_file)):
+        revoke_key(keys_file, DEV_KEY_NAME)
+    key = add_key(keys_file, DEV_KEY_NAME)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key, True
+
+
+def curl_line(base_url: str, model: str, key_path: Path) -> str:
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+                       "max_tokens": 32})
+    return (f"curl -s {base_url}/v1/chat/completions -H \"Authorization: Bearer $(cat {key_path})\" "
+            f"-H 'Content-Type: application/json' -d '{body}'")
+
+
+def dev_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mosaic-serve dev",
+                                     description="Local development stack: a dev API key and the default models.")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dir", type=Path, default=DEV_DIR, help="where the dev key files live (git-ignored)")
+    args, rest = parser.parse_known_args(argv)
+    keys_file, key_path = args.dir / "api_keys.json", args.dir / "api_key"
+    key, created = _dev_key(keys_file, key_path)
+    if created:
+        print(f"Created a development API key (stored in {key_path}, shown only now):\n  {key}", flush=True)
+
+    def on_ready(base_url: str, config: Any) -> None:
+        import httpx
+
+        # Run the request the printed line makes, so the line shown is known to work.
+        model = config.engine_config().served_model_name
+        reply = httpx.post(f"{base_url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                           json={"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+                                 "max_tokens": 32}, timeout=120)
+        reply.raise_for_status()
+        print(f"\nReady. Try:\n  {curl_line(base_url, model, key_path)}\n\nCtrl-C stops the server.", flush=True)
+
+    return serve_main(["--host", "127.0.0.1", "--port", str(args.port), "--api-keys-file", str(keys_file), *rest],
+                      on_ready=on_ready)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] == "keys":
+        return keys_main(argv[1:])
+    if argv and argv[0] == "dev":
+        return dev_main(argv[1:])
+    return serve_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

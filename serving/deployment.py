@@ -1,0 +1,402 @@
+"""The Ray Serve application: a FastAPI ingress, LLM replicas running the async engine, embedding replicas.
+
+    HTTP proxy ──► Ingress (auth, limits, tokenize, SSE) ──handles, streaming──► LLMServer × R
+                                                       └──────────────────────► EmbeddingServer × E
+
+Backpressure, per LLM replica: at most `max_num_seqs` requests run and at most `max_waiting_requests` wait
+behind them. Ray Serve is set to agree (`max_ongoing_requests` = the sum, so the router never sends a
+replica more than it admits), and the ingress's handle queues at most `max_waiting_requests` more while every
+replica is full; beyond that the request is answered 503 with Retry-After at once. Nothing queues unbounded.
+
+Health: Ray calls `check_health` on each replica every `health_check_period_s`; it raises when the engine
+loop died or made no step for `stall_timeout_s` while it had work, and Ray replaces the replica.
+Shutdown: a stopping replica takes no new requests and drains the ones in flight for up to
+`graceful_shutdown_timeout_s` before its engine is shut down.
+
+`build_app(AppConfig(...))` gives the application; `app_builder` is the entry for `serve deploy` /
+`serve run serving.deployment:app_builder` (see deploy/serve_config.yaml).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+from ray.serve.exceptions import RayServeException
+from ray.serve.handle import DeploymentHandle
+
+from serving.api.backends import Delta, EmbeddingBackend, LLMBackend
+from serving.api.context import ApiContext, ApiSettings
+from serving.api.errors import bad_request, unavailable
+from serving.config import DEFAULT_MODEL, EngineConfig
+from serving.embeddings import DEFAULT_EMBEDDING_MODEL
+from serving.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class AutoscalingSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    # Ongoing requests per replica the autoscaler aims for; defaults to max_num_seqs (a full batch).
+    target_ongoing_requests: float | None = Field(None, gt=0)
+
+
+class AppConfig(BaseModel):
+    """Everything `mosaic-serve` and `serve deploy` can set (the `args:` of deploy/serve_config.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # engine
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    tensor_parallel_size: int = Field(1, ge=1)
+    dtype: str = "auto"
+    max_model_len: int | None = Field(None, ge=1)
+    max_num_seqs: int = Field(256, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
+    block_size: int = 16
+    num_kv_blocks: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    stall_timeout_s: float = Field(30.0, gt=0)
+    # LLM replicas
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: AutoscalingSettings | None = None
+    llm_num_cpus: float = Field(1.0, gt=0)
+    llm_num_gpus: float = Field(0.0, ge=0)
+    max_waiting_requests: int = Field(64, ge=0)
+    # Stream items per second one LLM replica sends, shared by its streams (0: one item per engine step).
+    stream_items_per_s: float = Field(200.0, ge=0)
+    # embedding replicas ("none": no embedding model)
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    embedding_served_name: str | None = None
+    embedding_num_replicas: int = Field(1, ge=1)
+    embedding_num_cpus: float = Field(0.5, gt=0)
+    embedding_max_ongoing_requests: int = Field(8, ge=1)
+    embedding_max_queued_requests: int = Field(64, ge=0)
+    # ingress
+    ingress_num_replicas: int = Field(1, ge=1)
+    ingress_num_cpus: float = Field(0.5, gt=0)
+    ingress_max_ongoing_requests: int = Field(1024, ge=1)
+    api_keys_file: str | None = None
+    key_reload_interval_s: float = Field(1.0, gt=0)
+    rate_limit_storage: str = "memory://"
+    max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024)
+    default_max_tokens: int = Field(256, ge=1)
+    max_prompts_per_request: int = Field(64, ge=1)
+    retry_after_s: int = Field(1, ge=1)
+    # replica lifecycle
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> AppConfig:
+        # Fail at build time with the engine's own message, not later inside a replica.
+        self.engine_config()
+        if self.api_keys_file is not None:
+            self.api_keys_file = str(Path(self.api_keys_file).expanduser().resolve())
+        if self.autoscaling is not None and self.autoscaling.max_replicas < max(1, self.autoscaling.min_replicas):
+            raise ValueError("autoscaling.max_replicas must be >= min_replicas")
+        return self
+
+    @property
+    def has_embeddings(self) -> bool:
+        return self.embedding_model.lower() != "none"
+
+    @property
+    def replica_capacity(self) -> int:
+        """Requests one LLM replica admits: a full batch running plus its bounded waiting queue."""
+        return self.max_num_seqs + self.max_waiting_requests
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            model=self.model, served_model_name=self.served_model_name or default_served_name(self.model),
+            tensor_parallel_size=self.tensor_parallel_size, dtype=self.dtype, max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+            enable_prefix_caching=self.enable_prefix_caching, seed=self.seed, stall_timeout_s=self.stall_timeout_s,
+        )
+
+    def api_settings(self) -> ApiSettings:
+        return ApiSettings(
+            api_keys_file=self.api_keys_file, key_reload_interval_s=self.key_reload_interval_s,
+            rate_limit_storage=self.rate_limit_storage, max_request_bytes=self.max_request_bytes,
+            default_max_tokens=self.default_max_tokens, max_prompts_per_request=self.max_prompts_per_request,
+            retry_after_s=self.retry_after_s,
+        )
+
+
+def default_served_name(model: str) -> str:
+    """A model name is served as itself; a checkpoint folder under its folder name."""
+    return model if model == DEFAULT_MODEL else Path(model).expanduser().resolve().name
+
+
+# However busy the replica, a stream still moves at least a few times a second.
+_MAX_STREAM_INTERVAL_S = 0.25
+
+
+def _enter_replica(num_cpus: float) -> str:
+    """Set up this Serve replica's process and return its actor name (the `replica` label everywhere).
+
+    Torch gets as many threads as the replica's CPU share (Ray sets OMP_NUM_THREADS=1 for fractional
+    shares), and our module loggers (`serving.*`) write at INFO into the replica's Serve log file through
+    Serve's own handlers, which stamp each record with the replica and request ids. A server class built
+    directly, outside Serve (tests), leaves the process alone and is called "local".
+    """
+    try:
+        context = serve.get_replica_context()
+    except RayServeException:
+        return "local"
+    import torch
+
+    torch.set_num_threads(max(1, int(num_cpus)))
+    ours = logging.getLogger("serving")
+    ours.handlers = list(logging.getLogger("ray.serve").handlers)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
+    return context.replica_id.to_full_id_str()
+
+
+class LLMServer:
+    """One LLM replica: an AsyncLLMEngine plus this replica's admission bound.
+
+    Every method is `async def`: Ray Serve runs sync methods on a thread pool, and the engine must only be
+    touched from its event loop's thread.
+    """
+
+    async def __init__(self, config: AppConfig):
+        from serving.engine.async_engine import AsyncLLMEngine
+
+        self.replica = _enter_replica(config.llm_num_cpus)
+        self.engine = AsyncLLMEngine(config.engine_config())
+        await self.engine.start()
+        self.capacity = config.replica_capacity
+        self.stream_items_per_s = config.stream_items_per_s
+        self.in_flight = 0
+        logger.info("LLM replica %s serving %s (max_model_len=%d, capacity=%d)", self.replica,
+                    self.engine.model_name, self.engine.max_model_len, self.capacity)
+
+    async def model_info(self) -> dict[str, Any]:
+        return {"name": self.engine.model_name, "max_model_len": self.engine.max_model_len,
+                "tokenizer": self.engine.tokenizer}
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: dict[str, Any]) -> AsyncIterator[list[Delta]]:
+        """Stream [(index, new text, tokens so far, finish reason)] for one request (see `_coalesced`).
+
+        When the consumer goes away (client disconnect, cancelled handle call) the generator is closed,
+        which closes the engine's stream and aborts the request: its KV blocks are freed.
+        """
+        from serving.engine.errors import EngineDeadError
+        from serving.sampling_params import SamplingParams
+
+        if self.in_flight >= self.capacity:
+            raise unavailable(f"replica queue is full ({self.capacity} requests)", "queue_full")
+        self.in_flight += 1
+        try:
+            params = SamplingParams(**params)
+            outputs = self.engine.generate(prompt_token_ids, params, request_id)
+            async for deltas in _coalesced(outputs, self._stream_interval):
+                yield deltas
+        except EngineDeadError:
+            raise unavailable("this replica's engine is down; it is being replaced", "replica_unavailable") from None
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+        finally:
+            self.in_flight -= 1
+
+    def _stream_interval(self) -> float:
+        """Seconds between two items of one stream: this replica's streams share `stream_items_per_s`.
+
+        Every item crossing to the ingress, and on to the proxy and the client, costs serialization and a
+        message at each hop. At one item per token per stream that cost grows with concurrency until the
+        serving path needs more CPU than the engine; sharing a fixed item rate keeps it bounded. One stream
+        alone still gets every token as it comes; under load tokens travel in small groups.
+        """
+        if not self.stream_items_per_s:
+            return 0.0
+        return min(_MAX_STREAM_INTERVAL_S, self.in_flight / self.stream_items_per_s)
+
+    async def check_health(self) -> None:
+        self.engine.check_health()
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            self.engine.check_health()
+        except Exception as exc:
+            return {"replica": self.replica, "model": self.engine.model_name, "healthy": False,
+                    "error": type(exc).__name__}
+        return {"replica": self.replica, "model": self.engine.model_name, "healthy": True}
+
+    async def stats(self) -> dict[str, Any]:
+        stats = self.engine.stats()
+        return {"replica": self.replica, "model": self.engine.model_name, "in_flight": self.in_flight,
+                **vars(stats)}
+
+    async def __del__(self) -> None:
+        # Ray calls this after draining in-flight requests (graceful_shutdown_timeout_s).
+        await self.engine.shutdown()
+
+
+async def _coalesced(outputs: AsyncIterator[RequestOutput],
+                     interval_s: Callable[[], float]) -> AsyncIterator[list[Delta]]:
+    """The engine's outputs for one request as [(index, new text, tokens so far, finish reason)], at most one
+    item per `interval_s()` seconds, each carrying everything generated since the previous one.
+
+    The first token leaves at once, so time to first token is untouched; later tokens that arrive within
+    the interval leave together in the next item.
+    """
+    pending: dict[int, list] = {}  # index -> [new text, tokens so far, finish reason]
+    ready, done = asyncio.Event(), asyncio.Event()
+    failure: list[BaseException] = []
+
+    async def pump() -> None:
+        try:
+            async for out in outputs:
+                for o in out.outputs:
+                    entry = pending.get(o.index)
+                    if entry is None:
+                        pending[o.index] = [o.delta_text, len(o.token_ids), o.finish_reason]
+                    else:
+                        entry[0] += o.delta_text
+                        entry[1], entry[2] = len(o.token_ids), o.finish_reason
+                ready.set()
+        except Exception as exc:
+            failure.append(exc)
+        finally:
+            done.set()
+            ready.set()
+
+    task = asyncio.create_task(pump())
+    last_sent = float("-inf")
+    try:
+        while True:
+            await ready.wait()
+            wait = last_sent + interval_s() - time.monotonic()
+            if wait > 0 and not done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), wait)
+            ready.clear()
+            if pending:
+                batch = [(index, *entry) for index, entry in pending.items()]
+                pending.clear()
+                last_sent = time.monotonic()
+                yield batch
+            if done.is_set() and not pending:
+                if failure:
+                    raise failure[0]
+                return
+    finally:
+        # Cancelling the pump closes the engine stream, which aborts the request if it is still running.
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+class EmbeddingServer:
+    async def __init__(self, config: AppConfig):
+        from serving.embeddings import EmbeddingModel, resolve_embedding_model
+
+        self.replica = _enter_replica(config.embedding_num_cpus)
+        self.model = EmbeddingModel(resolve_embedding_model(config.embedding_model, config.embedding_served_name))
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.model.name, "dimensions": self.model.dimensions,
+                "max_input_tokens": self.model.max_input_tokens, "tokenizer": self.model.tokenizer}
+
+    async def embed(self, texts: list[str]) -> tuple[Any, int]:
+        try:
+            # Off the event loop, so health checks and other calls are answered meanwhile.
+            return await asyncio.to_thread(self.model.embed, texts)
+        except ValueError as exc:
+            raise bad_request(str(exc)) from None
+
+    def health(self) -> dict[str, Any]:
+        return {"replica": self.replica, "model": self.model.name, "healthy": True}
+
+
+class Ingress:
+    """The HTTP entry: builds the FastAPI app once the model deployments have described themselves."""
+
+    async def __init__(self, config: AppConfig, llm: DeploymentHandle, embedder: DeploymentHandle | None):
+        _enter_replica(config.ingress_num_cpus)
+        settings = config.api_settings()
+        llm_backend = await LLMBackend.connect(llm, settings.retry_after_s)
+        embed_backend = await EmbeddingBackend.connect(embedder, settings.retry_after_s) if embedder else None
+        self.ctx = ApiContext.create(settings, llm_backend, embed_backend)
+
+    def __serve_build_asgi_app__(self):  # noqa: ANN204 (an ASGI app)
+        from serving.api.app import create_app
+
+        return create_app(self.ctx)
+
+
+def build_app(config: AppConfig) -> Application:
+    llm_options: dict[str, Any] = dict(
+        name="LLMServer",
+        ray_actor_options={"num_cpus": config.llm_num_cpus, "num_gpus": config.llm_num_gpus},
+        max_ongoing_requests=config.replica_capacity,
+        max_queued_requests=config.max_waiting_requests,
+        health_check_period_s=config.health_check_period_s,
+        health_check_timeout_s=config.health_check_timeout_s,
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        graceful_shutdown_wait_loop_s=1.0,
+    )
+    if config.autoscaling is not None:
+        a = config.autoscaling
+        llm_options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas, "initial_replicas": max(1, a.min_replicas),
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests or config.max_num_seqs,
+        }
+    else:
+        llm_options["num_replicas"] = config.num_replicas
+    llm = serve.deployment(LLMServer).options(**llm_options).bind(config)
+
+    embedder = None
+    if config.has_embeddings:
+        embedder = serve.deployment(EmbeddingServer).options(
+            name="EmbeddingServer",
+            num_replicas=config.embedding_num_replicas,
+            ray_actor_options={"num_cpus": config.embedding_num_cpus},
+            max_ongoing_requests=config.embedding_max_ongoing_requests,
+            max_queued_requests=config.embedding_max_queued_requests,
+            health_check_period_s=config.health_check_period_s,
+            graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+        ).bind(config)
+
+    ingress = serve.deployment(serve.ingress()(Ingress)).options(
+        name="Ingress",
+        num_replicas=config.ingress_num_replicas,
+        ray_actor_options={"num_cpus": config.ingress_num_cpus},
+        max_ongoing_requests=config.ingress_max_ongoing_requests,
+        # The proxy's own queue in front of a saturated ingress: bounded, answered 503 + Retry-After.
+        max_queued_requests=config.ingress_max_ongoing_requests,
+        backpressure_config={"retry_after_s": config.retry_after_s},
+        graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
+    )
+    return ingress.bind(config, llm, embedder)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """Entry point for `serve run` / `serve deploy` (`import_path: serving.deployment:app_builder`)."""
+    return build_app(AppConfig.model_validate(args))
+
+
+def resources_needed(config: AppConfig) -> float:
+    """CPUs (Ray logical resources) the application asks for at its initial size."""
+    replicas = config.autoscaling.min_replicas if config.autoscaling else config.num_replicas
+    cpus = replicas * config.llm_num_cpus + config.ingress_num_cpus * config.ingress_num_replicas
+    if config.has_embeddings:
+        cpus += config.embedding_num_cpus * config.embedding_num_replicas
+    return cpus

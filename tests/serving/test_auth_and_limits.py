@@ -1,0 +1,89 @@
+"""API keys and per-key rate limits on the live stack (keys are added to the stack's key file at run time)."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+CHAT = {"model": "tiny-llama-2-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+def _wait_for_status(base_url: str, headers: dict, status: int, timeout_s: float = 10.0) -> float:
+    """Poll until /v1/models answers `status` for these headers; returns how long that took."""
+    start = time.monotonic()
+    while True:
+        r = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10)
+        if r.status_code == status:
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout_s, f"still {r.status_code} after {timeout_s}s"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("headers, code", [
+    ({}, "missing_api_key"),
+    ({"Authorization": "Bearer"}, "missing_api_key"),
+    ({"Authorization": "Bearer msk-not-a-real-key"}, "invalid_api_key"),
+    ({"Authorization": "msk-not-a-real-key"}, "invalid_api_key"),
+    ({"Authorization": "Basic dXNlcjpwYXNz"}, "invalid_api_key"),
+])
+def test_bad_keys_get_401(serving_stack, headers, code):
+    for method, path, body in (("POST", "/v1/chat/completions", CHAT), ("GET", "/v1/models", None),
+                               ("POST", "/tiny-llama-2-chat/v1/predict", {"inputs": ["x"]})):
+        r = httpx.request(method, f"{serving_stack.base_url}{path}", headers=headers, json=body, timeout=30)
+        assert r.status_code == 401 and r.json()["error"]["code"] == code
+
+
+def test_auth_comes_before_body_checks(serving_stack):
+    r = httpx.post(f"{serving_stack.base_url}/v1/completions", content=b"{not json", timeout=30,
+                   headers={"Authorization": "Bearer wrong", "Content-Type": "application/json"})
+    assert r.status_code == 401
+
+
+def test_raw_and_bearer_keys_work(serving_stack):
+    for header in (serving_stack.api_key, f"Bearer {serving_stack.api_key}", f"bearer {serving_stack.api_key}"):
+        r = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers={"Authorization": header},
+                       json=CHAT, timeout=60)
+        assert r.status_code == 200, r.text
+
+
+def test_new_and_revoked_keys_apply_without_restart(serving_stack):
+    key = serving_stack.add_key("short-lived")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert _wait_for_status(serving_stack.base_url, headers, 200) < 5
+    serving_stack.revoke_key("short-lived")
+    assert _wait_for_status(serving_stack.base_url, headers, 401) < 5
+    # Other keys are unaffected.
+    assert httpx.get(f"{serving_stack.base_url}/v1/models", headers=serving_stack.headers(), timeout=10).status_code == 200
+
+
+def test_requests_per_minute_gives_429_with_retry_after(serving_stack):
+    key = serving_stack.add_key("rpm-2", requests_per_minute=2)
+    headers = {"Authorization": f"Bearer {key}"}
+    _wait_for_status(serving_stack.base_url, headers, 200)  # /v1/models is not rate limited
+    statuses = [httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, json=CHAT,
+                           timeout=60) for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    refused = statuses[-1]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "rpm-2" in refused.json()["error"]["message"]
+    # The limit is per key: the stack's main key is not affected.
+    assert httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=serving_stack.headers(), json=CHAT,
+                      timeout=60).status_code == 200
+
+
+def test_tokens_per_minute_counts_prompt_and_max_tokens(serving_stack):
+    key = serving_stack.add_key("tpm-200", tokens_per_minute=200)
+    headers = {"Authorization": f"Bearer {key}"}
+    _wait_for_status(serving_stack.base_url, headers, 200)
+    prompt_tokens = httpx.post(f"{serving_stack.base_url}/v1/tokenize", headers=headers, timeout=30,
+                               json={"model": CHAT["model"], "messages": CHAT["messages"]}).json()["count"]
+    request = {**CHAT, "max_tokens": 100 - prompt_tokens}  # charges exactly 100 tokens
+    first = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, json=request, timeout=60)
+    second = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, json=request, timeout=60)
+    third = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, json=request, timeout=60)
+    assert (first.status_code, second.status_code, third.status_code) == (200, 200, 429)
+    assert "Retry-After" in third.headers
+    too_big = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, timeout=60,
+                         json={**CHAT, "max_tokens": 500})
+    assert too_big.status_code == 400 and "200 tokens per minute" in too_big.json()["error"]["message"]

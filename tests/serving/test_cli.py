@@ -1,0 +1,84 @@
+"""`mosaic-serve` as users run it (keys, refusals), the dev-key flow of `make serve`, and the Ray Serve
+config file for `serve deploy`."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from serving.api.auth import KeyStore, hash_key, list_keys
+from serving.cli import _dev_key, curl_line
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("mosaic-serve", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "serving.cli"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_keys_add_list_revoke(tmp_path):
+    keys = tmp_path / "keys.json"
+    added = _cli("keys", "add", "alice", "--api-keys-file", str(keys), "--requests-per-minute", "5",
+                 "--tokens-per-minute", "1000")
+    assert added.returncode == 0, added.stderr
+    (key,) = added.stdout.split()  # the key, printed once, alone on stdout
+    assert key.startswith("msk-") and key not in keys.read_text() and hash_key(key) in keys.read_text()
+    assert KeyStore(keys).authenticate(f"Bearer {key}").name == "alice"
+
+    listed = _cli("keys", "list", "--api-keys-file", str(keys))
+    assert listed.returncode == 0 and "alice" in listed.stdout and "requests_per_minute=5" in listed.stdout
+    assert key not in listed.stdout + listed.stderr and hash_key(key) not in listed.stdout
+
+    duplicate = _cli("keys", "add", "alice", "--api-keys-file", str(keys))
+    assert duplicate.returncode == 1 and "already exists" in duplicate.stderr and not duplicate.stdout
+    assert _cli("keys", "revoke", "alice", "--api-keys-file", str(keys)).returncode == 0
+    assert list_keys(keys) == []
+    again = _cli("keys", "revoke", "alice", "--api-keys-file", str(keys))
+    assert again.returncode == 1 and "no key named" in again.stderr
+
+
+def test_refuses_unsafe_or_invalid_settings_before_starting(tmp_path):
+    open_no_auth = _cli("--host", "0.0.0.0", "--port", "8999")
+    assert open_no_auth.returncode == 2 and "without API keys" in open_no_auth.stderr
+    missing = _cli("--api-keys-file", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    invalid = _cli("--max-num-seqs", "0", "--num-gpus-per-replica", "0")
+    assert invalid.returncode == 2 and "max_num_seqs" in invalid.stderr
+
+
+def test_dev_key_is_created_once_and_kept_private(tmp_path):
+    keys_file, key_path = tmp_path / ".dev" / "api_keys.json", tmp_path / ".dev" / "api_key"
+    key, created = _dev_key(keys_file, key_path)
+    assert created and key_path.read_text().strip() == key and (key_path.stat().st_mode & 0o077) == 0
+    assert _dev_key(keys_file, key_path) == (key, False)
+    # A key file that lost the dev key (revoked by hand) gets a fresh one.
+    keys_file.unlink()
+    new_key, created = _dev_key(keys_file, key_path)
+    assert created and new_key != key and [r.name for r in list_keys(keys_file)] == ["dev"]
+    line = curl_line("http://127.0.0.1:8000", "tiny-llama-2-chat", key_path)
+    assert new_key not in line and f"$(cat {key_path})" in line and "/v1/chat/completions" in line
+
+
+def test_dev_dir_is_git_ignored():
+    ignored = subprocess.run(["git", "check-ignore", "-q", ".dev/api_key"], cwd=REPO)
+    assert ignored.returncode == 0
+
+
+def test_serve_deploy_config_builds_the_application():
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.deployment import app_builder
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text()))
+    (app,) = config.applications
+    assert app.import_path == "serving.deployment:app_builder"
+    assert isinstance(app_builder(app.args), Application)
+    with pytest.raises(ValueError, match="num_replicas"):
+        app_builder({**app.args, "num_replicas": 0})

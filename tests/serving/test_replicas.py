@@ -1,0 +1,85 @@
+"""Two LLM replicas share the traffic; killing one under traffic costs at most retryable 503s, and Ray
+brings up a replacement."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+
+from tests.serving.helpers import per_replica
+
+BODY = {"model": "tiny-llama-2-chat", "prompt": "Replica test", "max_tokens": 40, "ignore_eos": True}
+
+
+def _wait_for_replicas(base_url: str, count: int, exclude: set[str], timeout_s: float) -> set[str]:
+    start = time.monotonic()
+    while True:
+        health = httpx.get(f"{base_url}/health", timeout=30)
+        replicas = {r["replica"] for r in health.json()["replicas"]
+                    if r.get("model") == BODY["model"] and r.get("healthy")}
+        if health.status_code == 200 and len(replicas) == count and not replicas & exclude:
+            return replicas
+        assert time.monotonic() - start < timeout_s, f"replicas after {timeout_s}s: {health.text}"
+        time.sleep(0.5)
+
+
+async def test_two_replicas_both_take_traffic(serving_stack):
+    before = per_replica(serving_stack.base_url, "mosaic_engine_steps_total")
+    assert len(before) == 2
+    async with httpx.AsyncClient(base_url=serving_stack.base_url, headers=serving_stack.headers(),
+                                 timeout=120) as client:
+        responses = await asyncio.gather(*(client.post("/v1/completions", json=BODY) for _ in range(12)))
+    assert all(r.status_code == 200 for r in responses)
+    after = per_replica(serving_stack.base_url, "mosaic_engine_steps_total")
+    assert set(after) == set(before)
+    assert all(after[r] > before[r] for r in before), (before, after)
+
+
+async def _one(client: httpx.AsyncClient, stream: bool) -> tuple[int, str | None]:
+    """(status, error code or None) of one request; a stream that fails after its 200 reports its error event."""
+    if not stream:
+        r = await client.post("/v1/completions", json=BODY)
+        if r.status_code == 503:
+            assert int(r.headers["Retry-After"]) >= 1
+        return r.status_code, r.json()["error"]["code"] if r.status_code != 200 else None
+    async with client.stream("POST", "/v1/completions", json={**BODY, "stream": True}) as r:
+        if r.status_code != 200:
+            await r.aread()
+            return r.status_code, r.json()["error"]["code"]
+        last = [line async for line in r.aiter_lines() if line.startswith("data: ")][-1]
+    if last == "data: [DONE]":
+        return 200, None
+    error = json.loads(last[len("data: "):])["error"]
+    assert error["type"] == "service_unavailable"
+    return 503, error["code"]
+
+
+async def test_killing_a_replica_under_traffic(serving_stack):
+    import ray
+
+    replicas = _wait_for_replicas(serving_stack.base_url, 2, set(), timeout_s=60)
+    victim = sorted(replicas)[0]
+    outcomes: list[tuple[int, str | None]] = []
+
+    async def client_loop(client: httpx.AsyncClient, index: int) -> None:
+        for round_ in range(6):
+            outcomes.append(await _one(client, stream=(index + round_) % 2 == 0))
+
+    async with httpx.AsyncClient(base_url=serving_stack.base_url, headers=serving_stack.headers(),
+                                 timeout=120) as client:
+        traffic = asyncio.gather(*(client_loop(client, i) for i in range(6)))
+        await asyncio.sleep(1.5)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        await traffic
+
+    assert len(outcomes) == 36
+    failures = [o for o in outcomes if o[0] != 200]
+    assert all(status == 503 and code in ("replica_unavailable", "queue_full") for status, code in failures), failures
+    assert len(failures) < len(outcomes) // 2
+    replacement = _wait_for_replicas(serving_stack.base_url, 2, {victim}, timeout_s=90)
+    assert victim not in replacement
+    # The new replica serves.
+    r = httpx.post(f"{serving_stack.base_url}/v1/completions", headers=serving_stack.headers(), json=BODY, timeout=60)
+    assert r.status_code == 200
