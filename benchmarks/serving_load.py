@@ -1,17 +1,19 @@
 """Serving overhead under load: N concurrent streaming HTTP clients against the Ray Serve stack, versus the same
 workload on the in-process AsyncLLMEngine, in the same run and with the same engine settings.
 
-Workload per concurrency level N: `max(N * rounds, min_requests)` requests, each a random-token prompt
+Each level runs on the in-process engine and right after on the server, so both see the same background
+load. Workload per concurrency level N: `max(N * rounds, min_requests)` requests, each a random-token prompt
 (length uniform in [32, 256]) asking for a number of new tokens uniform in [32, 128], greedy, EOS ignored,
-fixed seed, at most N in flight. The server runs one LLM replica with as many torch threads as the
-in-process engine gets, behind the ingress, over loopback HTTP with SSE (`/v1/completions`, token-id
-prompts, so both sides skip the same tokenization) at its default settings, where a busy replica sends a
-stream's tokens in small groups (`stream_items_per_s`); per-token latencies come from the chunks' running
-usage (`continuous_usage_stats`). Reported per level: generated tokens/s of each and
-their ratio (goal >= 0.9), time to first token and inter-token latency p50/p99 of each.
+fixed seed, at most N in flight. The server is one LLM replica with mosaic-serve's default CPU share (the
+cores less one, which the proxy, the ingress and the clients need) behind the ingress, at its default settings (a busy replica sends a stream's tokens in small groups, see
+`stream_items_per_s`), reached over loopback HTTP with SSE on `/v1/completions` with token-id prompts (so
+neither side tokenizes). Per-token latencies on the server side come from the chunks' running usage
+(`continuous_usage_stats`). Reported per level: generated tokens/s of each and their ratio (goal >= 0.9),
+time to first token and inter-token latency p50/p99 of each. The in-process engine runs the same engine
+settings, torch threads included (`--engine-threads` to change that).
 
     python benchmarks/serving_load.py                       # concurrency 1 4 16 32
-    python benchmarks/serving_load.py --concurrency 1 8 --rounds 2 --min-requests 8    # small and quick
+    python benchmarks/serving_load.py --concurrency 1 4 16 --rounds 2 --min-requests 8   # small and quick
 
 Writes benchmarks/results/serving_load.json and serving_load.png (throughput and latency charts).
 """
@@ -28,10 +30,13 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from serving.config import EngineConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -79,7 +84,8 @@ def workload(n: int, seed: int, vocab: int) -> list[tuple[list[int], int]]:
             for _ in range(n)]
 
 
-async def _run_level(concurrency: int, requests: list[tuple[list[int], int]], one) -> Level:  # noqa: ANN001
+async def _run_level(concurrency: int, requests: list[tuple[list[int], int]],
+                     one: Callable[[list[int], int], Awaitable[Sample]]) -> Level:
     semaphore = asyncio.Semaphore(concurrency)
 
     async def limited(prompt: list[int], max_tokens: int) -> Sample:
@@ -91,73 +97,74 @@ async def _run_level(concurrency: int, requests: list[tuple[list[int], int]], on
     return Level(concurrency, time.perf_counter() - start, list(samples))
 
 
-async def run_in_process(engine_config, levels: list[tuple[int, list]]) -> list[Level]:  # noqa: ANN001
+class Recorder:
+    """Times one request's tokens as their running count grows: k tokens arriving `gap` after the previous
+    ones count as k inter-token gaps of gap/k (a group is as fast, per token, as its arrival rate)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.sample: Sample | None = None
+
+    def tokens(self, total: int) -> None:
+        now = time.perf_counter()
+        new = total - (self.sample.tokens if self.sample else 0)
+        if new <= 0:
+            return
+        if self.sample is None:
+            self.sample = Sample(ttft=now - self.start)
+            new -= 1
+        self.sample.gaps.extend([(now - self.last) / max(1, new)] * new)
+        self.sample.tokens = total
+        self.last = now
+
+
+async def measure(engine_config: EngineConfig, base_url: str, model: str,
+                  levels: list[tuple[int, list]]) -> tuple[list[Level], list[Level]]:
+    """Each level on the in-process engine, then at once on the server: both sides of a comparison run
+    under the same background load."""
+    import aiohttp
+
     from serving.engine.async_engine import AsyncLLMEngine
     from serving.sampling_params import SamplingParams
 
     engine = AsyncLLMEngine(engine_config)
-    counter = iter(range(10**9))
+    request_ids = iter(range(10**9))
 
-    async def one(prompt: list[int], max_tokens: int) -> Sample:
+    async def in_process(prompt: list[int], max_tokens: int) -> Sample:
         params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        start = last = time.perf_counter()
-        sample: Sample | None = None
-        async for out in engine.generate(prompt, params, f"r{next(counter)}"):
-            now = time.perf_counter()
-            new = len(out.outputs[0].delta_token_ids)
-            if not new:
-                continue
-            if sample is None:
-                sample = Sample(ttft=now - start)
-                new -= 1
-            sample.gaps.extend([(now - last) / max(1, new)] * new)
-            sample.tokens = len(out.outputs[0].token_ids)
-            last = now
-        return sample
+        recorder = Recorder()
+        async for out in engine.generate(prompt, params, f"r{next(request_ids)}"):
+            recorder.tokens(len(out.outputs[0].token_ids))
+        return recorder.sample
+
+    session = aiohttp.ClientSession(base_url, connector=aiohttp.TCPConnector(limit=0),
+                                    timeout=aiohttp.ClientTimeout(total=600))
+
+    async def server(prompt: list[int], max_tokens: int) -> Sample:
+        # continuous_usage_stats: every chunk carries the running token count.
+        body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+        recorder = Recorder()
+        async with session.post("/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for raw in r.content:
+                if raw.startswith(b"data: {"):
+                    recorder.tokens(json.loads(raw[6:])["usage"]["completion_tokens"])
+        return recorder.sample
 
     try:
-        await _run_level(1, levels[0][1][:2], one)  # warm-up
-        return [await _run_level(c, reqs, one) for c, reqs in levels]
+        warm_up = levels[0][1][:2]
+        await _run_level(1, warm_up, in_process)
+        await _run_level(1, warm_up, server)
+        results = []
+        for concurrency, requests in levels:
+            results.append((await _run_level(concurrency, requests, in_process),
+                            await _run_level(concurrency, requests, server)))
+        return [a for a, _ in results], [b for _, b in results]
     finally:
+        await session.close()
         await engine.shutdown()
-
-
-async def run_server(base_url: str, model: str, levels: list[tuple[int, list]]) -> list[Level]:
-    import aiohttp
-
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(base_url, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=600)) as session:
-
-        async def one(prompt: list[int], max_tokens: int) -> Sample:
-            # continuous_usage_stats: each chunk says how many tokens it completes, so a chunk of k tokens
-            # that arrives `gap` after the previous one counts as k gaps of gap/k.
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                    "ignore_eos": True, "stream": True,
-                    "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-            start = last = time.perf_counter()
-            sample: Sample | None = None
-            async with session.post("/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for raw in r.content:
-                    if not raw.startswith(b"data: {"):
-                        continue
-                    now = time.perf_counter()
-                    chunk = json.loads(raw[6:])
-                    tokens = chunk["usage"]["completion_tokens"]
-                    new = tokens - (sample.tokens if sample else 0)
-                    if new <= 0:
-                        continue
-                    if sample is None:
-                        sample = Sample(ttft=now - start)
-                        new -= 1
-                    sample.gaps.extend([(now - last) / max(1, new)] * new)
-                    sample.tokens = tokens
-                    last = now
-            return sample
-
-        await _run_level(1, levels[0][1][:2], one)  # warm-up
-        return [await _run_level(c, reqs, one) for c, reqs in levels]
 
 
 def _free_port() -> int:
@@ -202,25 +209,27 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine-threads", type=int,
+                        help="torch threads of the in-process engine (default: the server replica's CPU share, "
+                             "so both run the same engine settings)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serving_load.json")
     args = parser.parse_args()
 
-    from serving.deployment import AppConfig, build_app
+    from serving.deployment import AppConfig, build_app, default_llm_cpus
     from serving.models.loader import load_config
     from serving.models.tiny import resolve_model
 
     vocab = load_config(resolve_model(args.model)).vocab_size
     levels = [(c, workload(max(c * args.rounds, args.min_requests), args.seed + c, vocab)) for c in args.concurrency]
-    threads = torch.get_num_threads()
     max_seqs = max(args.concurrency)
     # Room for every sequence at its longest (256 + 128 tokens), so neither side preempts.
     num_kv_blocks = max_seqs * (384 // 16 + 1)
-    app = AppConfig(model=args.model, num_replicas=1, llm_num_cpus=float(threads), max_num_seqs=max_seqs,
+    # The replica gets mosaic-serve's default share: the cores less one for the HTTP path.
+    app = AppConfig(model=args.model, num_replicas=1, llm_num_cpus=default_llm_cpus(1), max_num_seqs=max_seqs,
                     max_waiting_requests=max(64, max_seqs), num_kv_blocks=num_kv_blocks, embedding_model="none",
                     ingress_num_cpus=0.5)
-
-    print(f"in-process engine ({threads} torch threads) ...", flush=True)
-    in_process = asyncio.run(run_in_process(app.engine_config(), levels))
+    threads = args.engine_threads or int(app.llm_num_cpus)
+    torch.set_num_threads(threads)
 
     import ray
     from ray import serve
@@ -229,14 +238,16 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
-        ray.init(include_dashboard=False, num_cpus=threads + 2, object_store_memory=200 * 1024 * 1024,
+        ray.init(include_dashboard=False, num_cpus=int(app.llm_num_cpus) + 2, object_store_memory=200 * 1024 * 1024,
                  _temp_dir=str(ray_tmp), log_to_driver=False)
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print("starting the server ...", flush=True)
         serve.run(build_app(app), name="bench", route_prefix="/")
-        print("server under load ...", flush=True)
-        server = asyncio.run(run_server(f"http://127.0.0.1:{port}", app.engine_config().served_model_name, levels))
+        print(f"measuring: in-process engine ({threads} torch threads) then server (replica with "
+              f"{app.llm_num_cpus:g} CPUs), level by level ...", flush=True)
+        in_process, server = asyncio.run(measure(app.engine_config(), f"http://127.0.0.1:{port}",
+                                                 app.engine_config().served_model_name, levels))
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -244,7 +255,8 @@ def main() -> int:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
     results = {
-        "benchmark": "serving_load", "model": args.model, "torch_threads": threads, "cpus": os.cpu_count(),
+        "benchmark": "serving_load", "model": args.model, "in_process_torch_threads": threads,
+        "server_replica_cpus": app.llm_num_cpus, "cpus": os.cpu_count(),
         "platform": platform.platform(), "python": sys.version.split()[0],
         "workload": {"prompt_tokens": [32, 256], "max_tokens": [32, 128], "greedy": True, "ignore_eos": True,
                      "rounds": args.rounds, "min_requests": args.min_requests, "seed": args.seed},

@@ -34,7 +34,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 # Llama-2 proportions (MHA, SwiGLU at ~3.3x) scaled to ~100M parameters; the tiny tokenizer's vocabulary.
 MODEL_100M = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 768, "intermediate_size": 2560,
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "hidden_size": 768, "intermediate_size": 2560,
     "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 12,
     "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
     "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
@@ -100,55 +101,64 @@ def decode_ms_per_token(generate_one, prompt: list[int], new_tokens: int) -> flo
     return (many - one) / new_tokens * 1e3
 
 
-def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: int) -> dict:
+def bench_transformers(path: Path, requests: list[tuple[list[int], int]], useful: int,
+                       args: argparse.Namespace) -> dict:
     from transformers import LlamaForCausalLM
 
+    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    result: dict = {"batches": {}}
+    for batch_size in args.batch_sizes:
+        seconds = run_transformers(hf, requests, batch_size)
+        result["batches"][batch_size] = {"seconds": seconds, "tokens_per_s": useful / seconds}
+        print(f"transformers batch {batch_size}: {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
+
+    def one(prompt: list[int], n: int) -> None:
+        with torch.inference_mode():
+            hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                        max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    result["decode_ms"] = decode_ms_per_token(one, requests[0][0][:128], args.decode_tokens)
+    return result
+
+
+def bench_engine(path: Path, requests: list[tuple[list[int], int]], useful: int, args: argparse.Namespace,
+                 decode: bool, **engine_args) -> dict:
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    # Warm-up prompts differ from the measured ones, so the prefix cache gives the measured run nothing.
+    warmup = workload(4, args.seed + 1, vocab, (16, 64), (4, 8))
+    llm = LLM(str(path), **engine_args)
+    run_engine(llm, warmup)
+    seconds = run_engine(llm, requests)
+    result = {"seconds": seconds, "tokens_per_s": useful / seconds,
+              "num_preemptions": llm.engine.stats().num_preemptions, **engine_args}
+    label = ", ".join(f"{k}={v}" for k, v in engine_args.items()) or "defaults"
+    print(f"engine ({label}): {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
+    if decode:
+        def one(prompt: list[int], n: int) -> None:
+            llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+
+        result["decode_ms"] = decode_ms_per_token(one, requests[0][0][:128], args.decode_tokens)
+    return result
+
+
+def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: int) -> dict:
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
     requests = workload(num_requests, args.seed, vocab, (16, 512), (16, args.max_output))
     useful = sum(n for _, n in requests)
     print(f"\n== {name}: {num_requests} requests, {sum(len(p) for p, _ in requests)} prompt tokens, "
           f"{useful} useful output tokens", flush=True)
-    result: dict = {"model": name, "num_requests": num_requests, "useful_tokens": useful, "transformers": {}}
-
-    hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    for batch_size in args.batch_sizes:
-        seconds = run_transformers(hf, requests, batch_size)
-        result["transformers"][batch_size] = {"seconds": seconds, "tokens_per_s": useful / seconds}
-        print(f"transformers batch {batch_size}: {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
-    best_bs = max(result["transformers"], key=lambda b: result["transformers"][b]["tokens_per_s"])
-    result["transformers_best_batch"] = best_bs
-
-    def hf_one(prompt: list[int], n: int) -> None:
-        with torch.inference_mode():
-            hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                        max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-
-    decode_prompt = requests[0][0][:128]
-    result["transformers_decode_ms"] = decode_ms_per_token(hf_one, decode_prompt, args.decode_tokens)
-    del hf
+    hf = bench_transformers(path, requests, useful, args)
     gc.collect()
-
-    llm = LLM(str(path))
-    run_engine(llm, requests[:4])                             # warm-up
-    seconds = run_engine(llm, requests)
-    result["engine"] = {"seconds": seconds, "tokens_per_s": useful / seconds,
-                        "num_preemptions": llm.engine.stats().num_preemptions}
-    print(f"engine (defaults):  {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
-
-    def engine_one(prompt: list[int], n: int) -> None:
-        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-
-    result["engine_decode_ms"] = decode_ms_per_token(engine_one, decode_prompt, args.decode_tokens)
-    del llm
+    best_bs = max(hf["batches"], key=lambda b: hf["batches"][b]["tokens_per_s"])
+    engine = bench_engine(path, requests, useful, args, decode=True)
     gc.collect()
-
-    capped = LLM(str(path), max_num_seqs=best_bs)
-    seconds = run_engine(capped, requests)
-    result["engine_same_batch"] = {"max_num_seqs": best_bs, "seconds": seconds, "tokens_per_s": useful / seconds}
-    print(f"engine (max_num_seqs={best_bs}): {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
-    del capped
+    same_batch = bench_engine(path, requests, useful, args, decode=False, max_num_seqs=best_bs)
     gc.collect()
-    return result
+    return {"model": name, "num_requests": num_requests, "useful_tokens": useful,
+            "transformers": hf["batches"], "transformers_best_batch": best_bs,
+            "transformers_decode_ms": hf["decode_ms"], "engine_decode_ms": engine.pop("decode_ms"),
+            "engine": engine,
+            "engine_same_batch": same_batch}
 
 
 def print_table(results: list[dict]) -> None:
@@ -173,17 +183,22 @@ def print_table(results: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="32 requests (8 on the 100M model), batch 16 and 32")
+    parser.add_argument("--quick", action="store_true",
+                        help="32 requests (8 on the 100M model), batch 16 and 32")
     parser.add_argument("--models", nargs="+", choices=("default", "100m"), default=["default", "100m"])
     parser.add_argument("--num-requests", type=int, help="requests on the default model (default 128)")
     parser.add_argument("--num-requests-100m", type=int,
                         help="requests on the 100M model (default 32: it is ~50x the compute per token)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="transformers batch sizes (default 16 32 64)")
-    parser.add_argument("--max-output", type=int, default=256, help="output lengths are uniform in [16, this]")
+    parser.add_argument("--batch-sizes", type=int, nargs="+",
+                        help="transformers batch sizes (default 16 32 64)")
+    parser.add_argument("--max-output", type=int, default=256,
+                        help="output lengths are uniform in [16, this]")
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens for the batch-1 decode timing")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch intra-op threads for both sides (default: torch's)")
-    parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/throughput-<time>.json)")
+    parser.add_argument("--threads", type=int,
+                        help="torch intra-op threads for both sides (default: torch's)")
+    parser.add_argument("--output", type=Path,
+                        help="JSON path (default benchmarks/results/throughput-<time>.json)")
     args = parser.parse_args(argv)
     args.num_requests = args.num_requests or (32 if args.quick else 128)
     args.num_requests_100m = args.num_requests_100m or (8 if args.quick else 32)

@@ -127,11 +127,9 @@ def _is_loopback(host: str) -> bool:
 def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """AppConfig fields from the command line (validated by AppConfig itself)."""
     replicas = args.min_replicas if args.min_replicas is not None else args.num_replicas
-    if args.num_cpus_per_replica is not None:
-        llm_cpus = args.num_cpus_per_replica
-    else:
-        # Leave a core for the ingress, the embedding replica and Ray itself.
-        llm_cpus = float(max(1, ((os.cpu_count() or 2) - 1) // max(1, replicas)))
+    from serving.deployment import default_llm_cpus
+
+    llm_cpus = args.num_cpus_per_replica if args.num_cpus_per_replica is not None else default_llm_cpus(replicas)
     if args.num_gpus_per_replica is not None:
         gpus = args.num_gpus_per_replica
     else:

@@ -21,11 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from fastapi import FastAPI
+from limits.errors import ConfigurationError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
@@ -35,6 +38,7 @@ from ray.serve.handle import DeploymentHandle
 from serving.api.backends import Delta, EmbeddingBackend, LLMBackend
 from serving.api.context import ApiContext, ApiSettings
 from serving.api.errors import bad_request, unavailable
+from serving.api.ratelimit import RateLimiter
 from serving.config import DEFAULT_MODEL, EngineConfig
 from serving.embeddings import DEFAULT_EMBEDDING_MODEL
 from serving.outputs import RequestOutput
@@ -76,7 +80,7 @@ class AppConfig(BaseModel):
     llm_num_gpus: float = Field(0.0, ge=0)
     max_waiting_requests: int = Field(64, ge=0)
     # Stream items per second one LLM replica sends, shared by its streams (0: one item per engine step).
-    stream_items_per_s: float = Field(200.0, ge=0)
+    stream_items_per_s: float = Field(100.0, ge=0)
     # embedding replicas ("none": no embedding model)
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     embedding_served_name: str | None = None
@@ -102,8 +106,12 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AppConfig:
-        # Fail at build time with the engine's own message, not later inside a replica.
+        # Fail at build time with the engine's and the limiter's own messages, not later inside a replica.
         self.engine_config()
+        try:
+            RateLimiter(self.rate_limit_storage)
+        except ConfigurationError as exc:
+            raise ValueError(f"rate_limit_storage={self.rate_limit_storage!r}: {exc}") from None
         if self.api_keys_file is not None:
             self.api_keys_file = str(Path(self.api_keys_file).expanduser().resolve())
         if self.autoscaling is not None and self.autoscaling.max_replicas < max(1, self.autoscaling.min_replicas):
@@ -135,6 +143,12 @@ class AppConfig(BaseModel):
             default_max_tokens=self.default_max_tokens, max_prompts_per_request=self.max_prompts_per_request,
             retry_after_s=self.retry_after_s,
         )
+
+
+def default_llm_cpus(num_replicas: int) -> float:
+    """CPUs (and torch threads) per LLM replica on one machine: the cores shared out, less one for the HTTP
+    path (proxy, ingress, embeddings), which would otherwise steal time from the engine's threads."""
+    return float(max(1, ((os.cpu_count() or 2) - 1) // max(1, num_replicas)))
 
 
 def default_served_name(model: str) -> str:
@@ -232,9 +246,11 @@ class LLMServer:
         self.engine.check_health()
 
     async def health(self) -> dict[str, Any]:
+        from serving.engine.errors import EngineDeadError, EngineStalledError
+
         try:
             self.engine.check_health()
-        except Exception as exc:
+        except (EngineDeadError, EngineStalledError) as exc:
             return {"replica": self.replica, "model": self.engine.model_name, "healthy": False,
                     "error": type(exc).__name__}
         return {"replica": self.replica, "model": self.engine.model_name, "healthy": True}
@@ -244,9 +260,12 @@ class LLMServer:
         return {"replica": self.replica, "model": self.engine.model_name, "in_flight": self.in_flight,
                 **vars(stats)}
 
-    async def __del__(self) -> None:
-        # Ray calls this after draining in-flight requests (graceful_shutdown_timeout_s).
-        await self.engine.shutdown()
+    def __del__(self) -> Awaitable[None] | None:
+        """Ray calls this once the replica has drained its in-flight requests (up to
+        graceful_shutdown_timeout_s), on the replica's event loop, and awaits what it returns: the engine's
+        shutdown. Garbage collection calls it too; by then the engine is down and there is nothing to do."""
+        engine = getattr(self, "engine", None)
+        return engine.shutdown() if engine is not None and not engine.is_dead else None
 
 
 async def _coalesced(outputs: AsyncIterator[RequestOutput],
@@ -272,7 +291,7 @@ async def _coalesced(outputs: AsyncIterator[RequestOutput],
                         entry[0] += o.delta_text
                         entry[1], entry[2] = len(o.token_ids), o.finish_reason
                 ready.set()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
             failure.append(exc)
         finally:
             done.set()
@@ -335,7 +354,7 @@ class Ingress:
         embed_backend = await EmbeddingBackend.connect(embedder, settings.retry_after_s) if embedder else None
         self.ctx = ApiContext.create(settings, llm_backend, embed_backend)
 
-    def __serve_build_asgi_app__(self):  # noqa: ANN204 (an ASGI app)
+    def __serve_build_asgi_app__(self) -> FastAPI:
         from serving.api.app import create_app
 
         return create_app(self.ctx)

@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 # Bounds the work one request can ask of a replica; larger batches can be split by the client.
@@ -61,7 +65,7 @@ class EmbeddingModel:
         self.max_input_tokens: int = self._model.max_seq_length
 
     @property
-    def tokenizer(self):  # noqa: ANN201 (a Hugging Face tokenizer)
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self._model.tokenizer
 
     def count_tokens(self, texts: list[str]) -> list[int]:

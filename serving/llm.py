@@ -37,7 +37,8 @@ class LLM:
 
         Every prompt is validated before any runs, so one bad prompt raises ValueError and runs nothing.
         """
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        single_ids = isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
+        if isinstance(prompts, str) or single_ids:
             prompts = [prompts]
         if sampling_params is None:
             sampling_params = SamplingParams()

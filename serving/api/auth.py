@@ -104,7 +104,7 @@ def add_key(path: str | Path, name: str, requests_per_minute: int | None = None,
     with _locked(path) as records:
         if any(r.name == name for r in records):
             raise ValueError(f"a key named {name!r} already exists in {path}; revoke it first")
-        created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         records.append(KeyRecord(name, hash_key(key), requests_per_minute, tokens_per_minute, created))
         _write(path, records)
     return key

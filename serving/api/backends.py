@@ -14,8 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+from ray.exceptions import RayActorError, RayError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    RayServeException,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerBase
 
@@ -65,7 +70,7 @@ class _Backend:
         running replica at all (being replaced) that is one exception."""
         try:
             return await self._handle.broadcast(method).results_async(timeout_s=timeout_s, return_exceptions=True)
-        except Exception as exc:
+        except (RayServeException, RayError, TimeoutError) as exc:
             return [exc]
 
     async def health(self, timeout_s: float = 5.0) -> list[dict[str, Any]]:

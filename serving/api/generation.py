@@ -192,7 +192,7 @@ async def _merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]
                 async for item in stream:
                     queue.put_nowait((i, item, None))
             queue.put_nowait((i, done, None))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
             queue.put_nowait((i, None, exc))
 
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]

@@ -61,19 +61,23 @@ class AsyncLLMEngine:
 
     async def start(self) -> None:
         self._raise_if_dead()
+        loop = asyncio.get_running_loop()
         if self._loop_task is None:
             self._wakeup = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop(), name="engine-loop")
+            self._loop_task = loop.create_task(self._run_loop(), name="engine-loop")
+        elif self._loop_task.get_loop() is not loop:
+            # Its streams are fed from the loop it started on: waiting on them here would never end.
+            raise RuntimeError("this AsyncLLMEngine runs on another event loop")
 
     async def shutdown(self) -> None:
+        if self._death is None:
+            self._fail(EngineDeadError("the engine was shut down"))
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
-        if self._death is None:
-            self._fail(EngineDeadError("the engine was shut down"))
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -87,8 +91,8 @@ class AsyncLLMEngine:
             idle = time.monotonic() - self._last_progress
             if idle > self.config.stall_timeout_s:
                 raise EngineStalledError(
-                    f"the engine made no step for {idle:.1f}s (stall_timeout_s={self.config.stall_timeout_s}) "
-                    f"with {len(self._streams)} requests in flight"
+                    f"the engine made no step for {idle:.1f}s (stall_timeout_s="
+                    f"{self.config.stall_timeout_s}) with {len(self._streams)} requests in flight"
                 )
 
     def stats(self) -> EngineStats:
@@ -174,6 +178,8 @@ class AsyncLLMEngine:
                     if queue is not None:
                         queue.put_nowait(output)
         except asyncio.CancelledError:
+            if self._death is None:
+                self._fail(EngineDeadError("the engine loop was cancelled"))
             raise
         except BaseException as exc:
             logger.exception("engine step failed; the engine is dead")

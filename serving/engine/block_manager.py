@@ -19,7 +19,7 @@ _ROOT_HASH = 0x5EED
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "hash", "ref_count", "token_ids")
 
     def __init__(self, block_id: int):
         self.block_id = block_id
@@ -123,7 +123,8 @@ class BlockManager:
         hits = []
         for i in range(num_candidates):
             block_id = self._cached.get(seq.block_hashes[i])
-            if block_id is None or self.blocks[block_id].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
                 break
             hits.append(block_id)
         return hits

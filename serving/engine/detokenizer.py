@@ -34,8 +34,16 @@ def backend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
 
 
 class IncrementalDetokenizer:
-    __slots__ = ("_backend", "_window", "_num_read", "_read_text", "_stop", "_max_stop_len", "text",
-                 "_num_sent_chars")
+    __slots__ = (
+        "_backend",
+        "_max_stop_len",
+        "_num_read",
+        "_num_sent_chars",
+        "_read_text",
+        "_stop",
+        "_window",
+        "text",
+    )
 
     def __init__(self, backend: Tokenizer, prompt_token_ids: list[int], stop: list[str]):
         self._backend = backend

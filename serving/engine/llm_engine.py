@@ -54,17 +54,22 @@ class LLMEngine:
         model_config = load_config(path)
         limit = model_config.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > limit:
-            raise ValueError(f"invalid max_model_len={config.max_model_len}: the model supports {limit} positions")
+            raise ValueError(
+                f"invalid max_model_len={config.max_model_len}: the model supports {limit} positions")
         self.max_model_len: int = config.max_model_len or limit
         if config.tensor_parallel_size > 1:
-            raise ValueError(f"tensor_parallel_size={config.tensor_parallel_size} is not supported yet: use 1")
+            raise ValueError(
+                f"tensor_parallel_size={config.tensor_parallel_size} is not supported yet: use 1")
         self.model_runner = ModelRunner(config, path, self.max_model_len)
         self.vocab_size = self.model_runner.vocab_size
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
-        eos = model_config.eos_token_id if model_config.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_token_ids: frozenset[int] = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos = model_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_ids: frozenset[int] = frozenset(
+            eos if isinstance(eos, list) else [] if eos is None else [eos])
         self._requests: dict[str, Request] = {}
         self.num_steps = 0
 
@@ -114,15 +119,15 @@ class LLMEngine:
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
-                f"prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} exceeds the "
-                f"context window of {self.max_model_len} tokens (max_model_len)"
+                f"prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} "
+                f"exceeds the context window of {self.max_model_len} tokens (max_model_len)"
             )
         blocks = self.block_manager.blocks_needed(total)
         if blocks > self.block_manager.num_blocks:
             raise RequestTooLargeError(
-                f"request needs {blocks} KV-cache blocks for {total} tokens (prompt + max_tokens) but the whole "
-                f"pool has {self.block_manager.num_blocks} blocks of {self.config.block_size} tokens: lower "
-                "max_tokens or the prompt, or give the engine more num_kv_blocks"
+                f"request needs {blocks} KV-cache blocks for {total} tokens (prompt + max_tokens) but the "
+                f"whole pool has {self.block_manager.num_blocks} blocks of {self.config.block_size} tokens: "
+                "lower max_tokens or the prompt, or give the engine more num_kv_blocks"
             )
         request = Request(request_id=request_id, prompt=text, prompt_token_ids=token_ids, params=params,
                           stream=stream)

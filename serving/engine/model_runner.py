@@ -190,7 +190,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             return inputs
         named = [(None, f.name, getattr(inputs, f.name)) for f in dataclasses.fields(inputs)]
-        named += [("sampling", f.name, getattr(inputs.sampling, f.name)) for f in dataclasses.fields(inputs.sampling)]
+        named += [("sampling", f.name, getattr(inputs.sampling, f.name))
+                  for f in dataclasses.fields(inputs.sampling)]
         tensors = [(owner, name, value) for owner, name, value in named if isinstance(value, torch.Tensor)]
         moved: dict[tuple[str | None, str], torch.Tensor] = {}
         for dtype in {value.dtype for _, _, value in tensors}:

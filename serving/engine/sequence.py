@@ -26,9 +26,21 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     __slots__ = (
-        "request", "index", "token_ids", "num_prompt_tokens", "num_computed_tokens",
-        "block_table", "block_hashes", "num_registered_blocks", "status", "finish_reason", "seed",
-        "detokenizer", "num_sent_tokens", "logprobs", "num_cached_tokens",
+        "block_hashes",
+        "block_table",
+        "detokenizer",
+        "finish_reason",
+        "index",
+        "logprobs",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_prompt_tokens",
+        "num_registered_blocks",
+        "num_sent_tokens",
+        "request",
+        "seed",
+        "status",
+        "token_ids",
     )
 
     def __init__(self, request: Request, index: int, detokenizer: IncrementalDetokenizer):

@@ -60,7 +60,10 @@ class Sampler:
             if t.top_k is not None or t.top_p is not None:
                 x = apply_top_k_top_p(x, t.top_k, t.top_p)
             sampled = (x + self._gumbel(x, t)).argmax(dim=-1)
-            token_ids = sampled if t.all_sampled else logits.argmax(dim=-1).index_copy_(0, t.sample_rows, sampled)
+            if t.all_sampled:
+                token_ids = sampled
+            else:
+                token_ids = logits.argmax(dim=-1).index_copy_(0, t.sample_rows, sampled)
         out = SamplerOutput(token_ids=token_ids)
         if t.num_logprobs is not None:
             logprobs = logits.log_softmax(dim=-1)
@@ -95,7 +98,8 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor | None) -> torch.Tensor:
     """Set logits outside each row's top-k and top-p (nucleus) sets to -inf. The best token always stays."""
     sorted_x, order = x.sort(dim=-1, descending=True)
     if top_k is not None:

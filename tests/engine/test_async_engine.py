@@ -21,7 +21,8 @@ TIMEOUT = 30
 
 @pytest.fixture(scope="module")
 async def engine(llama_dir: Path):
-    engine = AsyncLLMEngine(EngineConfig(model=str(llama_dir), num_kv_blocks=256, served_model_name="llama-test"))
+    engine = AsyncLLMEngine(EngineConfig(model=str(llama_dir), num_kv_blocks=256,
+                                         served_model_name="llama-test"))
     yield engine
     await engine.shutdown()
 
@@ -69,7 +70,8 @@ async def test_cancelled_consumer_frees_its_blocks(engine):
     seen = asyncio.Event()
 
     async def consume():
-        async for _ in engine.generate(random_prompt(200, seed=1), SamplingParams(max_tokens=500), "cancel-me"):
+        prompt = random_prompt(200, seed=1)
+        async for _ in engine.generate(prompt, SamplingParams(max_tokens=500), "cancel-me"):
             seen.set()
 
     task = asyncio.create_task(consume())
@@ -93,7 +95,8 @@ async def test_breaking_out_and_abort_free_blocks(engine):
     outputs = []
 
     async def consume():
-        async for out in engine.generate(random_prompt(50, seed=3), SamplingParams(max_tokens=500), "abort-me"):
+        prompt = random_prompt(50, seed=3)
+        async for out in engine.generate(prompt, SamplingParams(max_tokens=500), "abort-me"):
             outputs.append(out)
             if len(outputs) == 2:
                 engine.abort("abort-me")
@@ -151,3 +154,20 @@ async def test_too_large_stall_and_death(llama_dir: Path):
     with pytest.raises(EngineDeadError):
         await collect(engine, "hello", GREEDY, "after-death")
     await engine.shutdown()
+
+
+async def test_shutdown_fails_in_flight_requests(llama_dir: Path):
+    engine = AsyncLLMEngine(EngineConfig(model=str(llama_dir), num_kv_blocks=64))
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in engine.generate(random_prompt(10, seed=8), SamplingParams(max_tokens=500), "long"):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(started.wait(), TIMEOUT)
+    await engine.shutdown()
+    with pytest.raises(EngineDeadError, match="shut down"):
+        await asyncio.wait_for(task, TIMEOUT)
+    with pytest.raises(EngineDeadError, match="shut down"):
+        await collect(engine, "hello", GREEDY, "after-shutdown")

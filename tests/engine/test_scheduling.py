@@ -23,7 +23,8 @@ def make_seq(tiny_chat_dir: Path):
     counter = iter(range(10**6))
 
     def make(tokens: list[int], max_tokens: int = 16) -> Sequence:
-        request = Request(str(next(counter)), None, tokens, SamplingParams(temperature=0, max_tokens=max_tokens))
+        params = SamplingParams(temperature=0, max_tokens=max_tokens)
+        request = Request(str(next(counter)), None, tokens, params)
         seq = Sequence(request, 0, IncrementalDetokenizer(backend, tokens, []))
         request.seqs.append(seq)
         return seq
@@ -169,7 +170,8 @@ def test_decodes_go_first_and_prefills_lead_the_batch(make_seq):
 
 
 def test_max_num_seqs_caps_the_running_set(make_seq):
-    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=256, block_manager=BlockManager(64, BS, True))
+    bm = BlockManager(64, BS, enable_prefix_caching=True)
+    scheduler = Scheduler(max_num_seqs=2, max_num_batched_tokens=256, block_manager=bm)
     seqs = [make_seq([3 + i, 4, 5]) for i in range(5)]
     for seq in seqs:
         scheduler.add(seq)
@@ -200,7 +202,8 @@ def test_random_workload_finishes_and_frees_everything(make_seq):
     shared = [rng.randrange(3, 999) for _ in range(48)]
     seqs = []
     for _ in range(30):
-        prompt = (shared if rng.random() < 0.5 else []) + [rng.randrange(3, 999) for _ in range(rng.randint(1, 150))]
+        own = [rng.randrange(3, 999) for _ in range(rng.randint(1, 150))]
+        prompt = (shared if rng.random() < 0.5 else []) + own
         seqs.append(make_seq(prompt, max_tokens=rng.randint(1, 60)))
     for seq in seqs:
         scheduler.add(seq)

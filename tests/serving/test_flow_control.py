@@ -53,14 +53,14 @@ async def test_overload_gets_503_with_retry_after_and_nothing_else(serving_stack
 def test_disconnect_mid_stream_frees_blocks(serving_stack, path, body):
     _wait_idle(serving_stack.base_url, timeout_s=30)
     request = {"model": serving_stack.model, "stream": True, "ignore_eos": True, **body}
-    with httpx.Client(base_url=serving_stack.base_url, headers=serving_stack.headers(), timeout=60) as client:
-        with client.stream("POST", path, json=request) as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            received = sum(1 for _, line in zip(range(20), lines) if line.startswith("data: "))
-            assert received >= 5
-            in_flight = per_replica(serving_stack.base_url, "mosaic_replica_in_flight_requests")
-            usage = per_replica(serving_stack.base_url, "mosaic_kv_cache_usage_ratio")
-            assert sum(in_flight.values()) == 1 and max(usage.values()) > 0
-        # Leaving the block closes the connection mid-stream (3000 tokens would take far longer).
+    with (httpx.Client(base_url=serving_stack.base_url, headers=serving_stack.headers(), timeout=60) as client,
+          client.stream("POST", path, json=request) as response):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        received = sum(1 for _, line in zip(range(20), lines) if line.startswith("data: "))
+        assert received >= 5
+        in_flight = per_replica(serving_stack.base_url, "mosaic_replica_in_flight_requests")
+        usage = per_replica(serving_stack.base_url, "mosaic_kv_cache_usage_ratio")
+        assert sum(in_flight.values()) == 1 and max(usage.values()) > 0
+    # Leaving the block closed the connection mid-stream (3000 tokens would take far longer).
     assert _wait_idle(serving_stack.base_url, timeout_s=5) < 5

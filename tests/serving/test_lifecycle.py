@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -23,7 +24,7 @@ def _replicas(url: str) -> set[str]:
     return {r["replica"] for r in _health(url).json()["replicas"] if "replica" in r}
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:  # noqa: ANN001
+def _wait(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"

@@ -3,6 +3,7 @@ mapping, abort on close, and health reporting once the engine is gone."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +11,7 @@ from serving.api.errors import APIError
 from serving.deployment import AppConfig, LLMServer
 
 
-async def _server(model_dir) -> LLMServer:  # noqa: ANN001
+async def _server(model_dir: Path) -> LLMServer:
     server = object.__new__(LLMServer)  # Serve allocates, then awaits the async constructor
     await server.__init__(AppConfig(model=str(model_dir), max_num_seqs=1, max_waiting_requests=1,
                                     num_kv_blocks=64, embedding_model="none"))
@@ -24,7 +25,7 @@ async def test_admission_bound_errors_abort_and_health(tiny_chat_dir):
     ids = info["tokenizer"].encode("Hello there")
 
     running = server.generate("a", ids, {"max_tokens": 500, "ignore_eos": True})
-    (index, text, num_tokens, finish), = await anext(running)
+    (index, _, num_tokens, finish), = await anext(running)
     assert (index, num_tokens, finish) == (0, 1, None)
     waiting = server.generate("b", ids, {"max_tokens": 3, "ignore_eos": True})
     waiting_first = asyncio.create_task(anext(waiting))
@@ -52,7 +53,7 @@ async def test_admission_bound_errors_abort_and_health(tiny_chat_dir):
     assert (await server.health())["healthy"]
     await server.check_health()
 
-    await server.__del__()  # what Ray calls once the replica has drained
+    await server.__del__()  # what Ray awaits once the replica has drained
     health = await server.health()
     assert not health["healthy"] and health["error"] == "EngineDeadError"
     with pytest.raises(Exception, match="shut down"):
@@ -60,3 +61,26 @@ async def test_admission_bound_errors_abort_and_health(tiny_chat_dir):
     with pytest.raises(APIError) as dead:
         await anext(server.generate("f", ids, {"max_tokens": 3}))
     assert (dead.value.status, dead.value.code) == (503, "replica_unavailable")
+
+
+async def test_busy_streams_travel_in_groups_with_the_same_text(tiny_chat_dir):
+    server = await _server(tiny_chat_dir)
+    ids = (await server.model_info())["tokenizer"].encode("Group me")
+    params = {"max_tokens": 40, "ignore_eos": True, "temperature": 0.0}
+
+    async def run(request_id: str) -> list:
+        return [item async for item in server.generate(request_id, ids, params)]
+
+    server.stream_items_per_s = 0  # one item per engine step
+    single = await run("one-by-one")
+    server.stream_items_per_s = 10  # one stream in flight: an item per 0.1 s at most
+    grouped = await run("grouped")
+    assert len(single) >= 30  # (two steps may land between two reads on a loaded machine)
+    assert 1 < len(grouped) <= 10
+    assert grouped[0][0][2] == 1  # the first token still leaves alone, at once
+    def text(items: list) -> str:
+        return "".join(delta[1] for item in items for delta in item)
+
+    assert text(grouped) == text(single)
+    assert grouped[-1][0][2:] == single[-1][0][2:] == (40, "length")
+    await server.__del__()
