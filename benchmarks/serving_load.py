@@ -180,14 +180,15 @@ def chart(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for key, style in (("in_process", "o-"), ("server", "s--")):
+    for key, color, marker in (("in_process", "C0", "o"), ("server", "C1", "s")):
         rows = results[key]
         x = [r["concurrency"] for r in rows]
-        axes[0].plot(x, [r["tokens_per_s"] for r in rows], style, label=key.replace("_", "-"))
-        axes[1].plot(x, [r["ttft_p50_ms"] for r in rows], style, label=f"{key} p50")
-        axes[1].plot(x, [r["ttft_p99_ms"] for r in rows], style, alpha=0.5, label=f"{key} p99")
-        axes[2].plot(x, [r["itl_p50_ms"] for r in rows], style, label=f"{key} p50")
-        axes[2].plot(x, [r["itl_p99_ms"] for r in rows], style, alpha=0.5, label=f"{key} p99")
+        label = key.replace("_", "-")
+        axes[0].plot(x, [r["tokens_per_s"] for r in rows], marker=marker, color=color, label=label)
+        for ax, metric in ((axes[1], "ttft"), (axes[2], "itl")):
+            ax.plot(x, [r[f"{metric}_p50_ms"] for r in rows], marker=marker, color=color, label=f"{label} p50")
+            ax.plot(x, [r[f"{metric}_p99_ms"] for r in rows], marker=marker, color=color, linestyle=":",
+                    label=f"{label} p99")
     for ax, title, unit in ((axes[0], "generated tokens/s", "tokens/s"), (axes[1], "time to first token", "ms"),
                             (axes[2], "inter-token latency", "ms")):
         ax.set_title(title)

@@ -4,9 +4,10 @@
                                                        └──────────────────────► EmbeddingServer × E
 
 Backpressure, per LLM replica: at most `max_num_seqs` requests run and at most `max_waiting_requests` wait
-behind them. Ray Serve is set to agree (`max_ongoing_requests` = the sum, so the router never sends a
-replica more than it admits), and the ingress's handle queues at most `max_waiting_requests` more while every
-replica is full; beyond that the request is answered 503 with Retry-After at once. Nothing queues unbounded.
+behind them. Ray Serve is set to agree: `max_ongoing_requests` is that sum, so the router never sends a
+replica more than it admits, and the ingress's handle holds at most `router_queue` (what all replicas admit
+together) unassigned requests; beyond that a request is answered 503 with Retry-After at once. Nothing
+queues unbounded.
 
 Health: Ray calls `check_health` on each replica every `health_check_period_s`; it raises when the engine
 loop died or made no step for `stall_timeout_s` while it had work, and Ray replaces the replica.
@@ -126,6 +127,17 @@ class AppConfig(BaseModel):
     def replica_capacity(self) -> int:
         """Requests one LLM replica admits: a full batch running plus its bounded waiting queue."""
         return self.max_num_seqs + self.max_waiting_requests
+
+    @property
+    def router_queue(self) -> int:
+        """Requests the ingress's handle may hold unassigned: what all replicas admit together.
+
+        Ray counts a request as queued until it is assigned, which takes a probe of the replicas; with a
+        smaller bound a burst that arrives at once is refused although the replicas have room. Once every
+        replica is full, at most this many more wait here; beyond it, 503 at once.
+        """
+        replicas = self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
+        return replicas * self.replica_capacity
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -365,7 +377,7 @@ def build_app(config: AppConfig) -> Application:
         name="LLMServer",
         ray_actor_options={"num_cpus": config.llm_num_cpus, "num_gpus": config.llm_num_gpus},
         max_ongoing_requests=config.replica_capacity,
-        max_queued_requests=config.max_waiting_requests,
+        max_queued_requests=config.router_queue,
         health_check_period_s=config.health_check_period_s,
         health_check_timeout_s=config.health_check_timeout_s,
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,

@@ -28,6 +28,10 @@ class LLM:
         ))
         self._request_ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop tensor-parallel followers now (they also stop when this process exits)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.engine.tokenizer
 

@@ -1,9 +1,8 @@
 """Request and response schemas of the HTTP API (pydantic v2).
 
 Requests validate strictly: a string where a number belongs, a NaN, a negative count or a missing field is
-a 422 naming the field, before anything is tokenized. OpenAI requests ignore fields we do not implement
-(clients send their defaults for them); the MosaicML `parameters` object rejects unknown names, since a
-misspelt `max_tokens` there would otherwise silently fall back to the default.
+a 422 naming the field, before anything is tokenized. Fields we do not implement are ignored (clients such
+as the openai library and MLflow's providers send their defaults for them).
 """
 from __future__ import annotations
 
@@ -117,9 +116,9 @@ class EmbeddingRequest(_Strict):
 
 
 class PredictParameters(SamplingKnobs):
-    model_config = ConfigDict(strict=True, extra="forbid")
-
     max_new_tokens: MaxTokens | None = None
+    # MLflow's built-in mosaicml provider sends the gateway's `n`; one output per input is all this shape holds.
+    n: Annotated[int, Field(ge=1, le=1)] = 1
 
 
 class PredictRequest(_Strict):

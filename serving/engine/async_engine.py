@@ -78,6 +78,7 @@ class AsyncLLMEngine:
                 await self._loop_task
             except asyncio.CancelledError:
                 pass
+        self.engine.shutdown()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     @property
@@ -87,6 +88,11 @@ class AsyncLLMEngine:
     def check_health(self) -> None:
         """Raise EngineDeadError if the loop died, EngineStalledError if work waits without progress."""
         self._raise_if_dead()
+        try:
+            self.engine.check_health()
+        except EngineDeadError as error:
+            self._fail(error)
+            raise
         if self._has_work():
             idle = time.monotonic() - self._last_progress
             if idle > self.config.stall_timeout_s:

@@ -17,12 +17,12 @@ from serving.config import EngineConfig
 from serving.engine.block_manager import BlockManager
 from serving.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from serving.engine.errors import RequestTooLargeError
-from serving.engine.model_runner import ModelRunner
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import Request, Sequence
 from serving.layers.sampler import SamplerOutput
 from serving.models.loader import load_config
 from serving.models.tiny import resolve_model
+from serving.parallel.executor import make_executor
 from serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from serving.sampling_params import SamplingParams
 
@@ -57,10 +57,7 @@ class LLMEngine:
             raise ValueError(
                 f"invalid max_model_len={config.max_model_len}: the model supports {limit} positions")
         self.max_model_len: int = config.max_model_len or limit
-        if config.tensor_parallel_size > 1:
-            raise ValueError(
-                f"tensor_parallel_size={config.tensor_parallel_size} is not supported yet: use 1")
-        self.model_runner = ModelRunner(config, path, self.max_model_len)
+        self.model_runner = make_executor(config, path, self.max_model_len)
         self.vocab_size = self.model_runner.vocab_size
         self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
@@ -241,6 +238,13 @@ class LLMEngine:
             outputs=completions, finished=finished, num_cached_tokens=request.seqs[0].num_cached_tokens or 0,
             metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time),
         )
+
+    def check_health(self) -> None:
+        """Raise EngineDeadError when a part of the model executor (a tensor-parallel rank) is gone."""
+        self.model_runner.check_health()
+
+    def shutdown(self) -> None:
+        self.model_runner.shutdown()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from serving.config import EngineConfig
 from serving.engine.scheduler import SchedulerOutput
@@ -21,6 +22,7 @@ from serving.engine.sequence import Sequence
 from serving.layers.attention import Attention, select_backend
 from serving.layers.sampler import Sampler, SamplerOutput, SamplingTensors
 from serving.models.loader import load_model, resolve_dtype
+from serving.parallel.state import get_cpu_group, get_tp_world_size
 from serving.utils.context import AttentionContext, reset_context, set_context
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ def resolve_device(name: str) -> torch.device:
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int):
         """One rank's model and KV cache; the layers shard themselves by the current TP group."""
+        if config.tensor_parallel_size != get_tp_world_size():
+            raise ValueError(
+                f"tensor_parallel_size={config.tensor_parallel_size} but this process is in a tensor-parallel "
+                f"group of {get_tp_world_size()}: a process drives one group at a time")
         self.config = config
         self.block_size = config.block_size
         self.device = resolve_device(config.device)
@@ -68,6 +74,11 @@ class ModelRunner:
         for layer in layers:
             layer.backend = backend
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks(layers, max_model_len)
+        if get_tp_world_size() > 1:
+            # Every rank must hold the same block ids: agree on the smallest pool any rank can afford.
+            agreed = torch.tensor([self.num_kv_blocks])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=get_cpu_group())
+            self.num_kv_blocks = int(agreed)
         # One allocation for every layer's keys and values; each layer gets views. Zeroed, because the
         # attention gathers whole blocks and masks the unused slots: garbage there could be NaN.
         self.kv_cache = torch.zeros(
@@ -78,6 +89,12 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", self.num_kv_blocks, self.block_size,
                     self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.device)
+
+    def check_health(self) -> None:
+        """A single rank has no followers that could be lost (see TensorParallelExecutor)."""
+
+    def shutdown(self) -> None:
+        """Nothing outlives a single-rank runner but its tensors, which go with it."""
 
     def _default_num_kv_blocks(self, layers: list[Attention], max_model_len: int) -> int:
         """A share of free memory, but no more than max_num_seqs full-length sequences could ever use."""

@@ -18,7 +18,8 @@ CASES = [
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": 3}]}, 422, "content"),
     ("/v1/embeddings", {"model": EMBED, "input": [1, 2]}, 422, "input"),
     (f"/{MODEL}/v1/predict", {"inputs": "not a list"}, 422, "inputs"),
-    (f"/{MODEL}/v1/predict", {"inputs": ["x"], "parameters": {"max_tokens": 5}}, 422, "max_tokens"),
+    (f"/{MODEL}/v1/predict", {"inputs": ["x"], "parameters": {"max_new_tokens": "5"}}, 422, "max_new_tokens"),
+    (f"/{MODEL}/v1/predict", {"inputs": ["x"], "parameters": {"n": 2}}, 422, "n"),
     # missing fields
     ("/v1/completions", {"prompt": "x"}, 422, "model"),
     ("/v1/completions", {"model": MODEL}, 422, "prompt"),

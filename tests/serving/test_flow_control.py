@@ -24,9 +24,9 @@ def _wait_idle(base_url: str, timeout_s: float) -> float:
 
 async def test_overload_gets_503_with_retry_after_and_nothing_else(serving_stack):
     config = serving_stack.config
-    # Two replicas admit max_num_seqs + max_waiting_requests each; the ingress's handle queues
-    # max_waiting_requests more. Everything beyond is refused at once.
-    capacity = 2 * config.replica_capacity + config.max_waiting_requests
+    # Two replicas admit max_num_seqs + max_waiting_requests each; the ingress's handle holds router_queue
+    # more. Everything beyond is refused at once.
+    capacity = 2 * config.replica_capacity + config.router_queue
     body = {"model": serving_stack.model, "prompt": "Overload", "max_tokens": 150, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=serving_stack.base_url, headers=serving_stack.headers(),
                                  timeout=120, limits=httpx.Limits(max_connections=100)) as client:
@@ -35,9 +35,8 @@ async def test_overload_gets_503_with_retry_after_and_nothing_else(serving_stack
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 503}, statuses
     refused = [r for r in responses if r.status_code == 503]
-    # Ray's router learns replica occupancy by probing, so a few requests may slip past the nominal bound
-    # while it settles; never anything like the whole burst.
     assert len(refused) >= 8
+    # Ray's accounting of queued and ongoing requests is approximate under a burst; a few may slip past.
     assert statuses.count(200) <= capacity + config.max_waiting_requests
     for r in refused:
         assert int(r.headers["Retry-After"]) >= 1

@@ -55,7 +55,7 @@ def test_canary_appears_in_no_log(serving_stack):
             ("/v1/completions", {"model": model, "prompt": f"{canary} " * 3000, "max_tokens": 16}),
             ("/v1/chat/completions", {"model": model, "messages": [{"role": "assistant", "content": canary}]}),
             ("/v1/embeddings", {"model": embed, "input": f"{canary} " * 300}),
-            (f"/{model}/v1/predict", {"inputs": [canary], "parameters": {canary: 1}}),
+            (f"/{model}/v1/predict", {"inputs": [canary], "parameters": {"max_new_tokens": canary}}),
         ]
         for path, body in refused:
             assert 400 <= client.post(path, json=body).status_code < 500

@@ -1,0 +1,73 @@
+"""The engine at tensor_parallel_size=2 (gloo follower process): same greedy tokens as TP=1 and
+transformers; a dead follower marks the engine dead; shutdown leaves no orphan process."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving import LLM, SamplingParams
+from serving.engine.errors import EngineDeadError
+from tests.fixtures.checkpoints import hf_model
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+def prompts(vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(7)
+    return [[1] + torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (5, 40, 130)]
+
+
+def followers() -> list[multiprocessing.Process]:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("tp-rank-")]
+
+
+def test_tp2_greedy_equals_tp1_and_transformers(llama_alt_dir: Path) -> None:
+    batch = prompts(1000)
+    tp1 = [o.outputs[0].token_ids for o in LLM(model=str(llama_alt_dir), num_kv_blocks=128).generate(batch, GREEDY)]
+    tp2_llm = LLM(model=str(llama_alt_dir), tensor_parallel_size=2, num_kv_blocks=128)
+    try:
+        tp2 = [o.outputs[0].token_ids for o in tp2_llm.generate(batch, GREEDY)]
+        # One process drives one tensor-parallel group: a second engine of another size is refused.
+        with pytest.raises(ValueError, match="tensor_parallel_size"):
+            LLM(model=str(llama_alt_dir), num_kv_blocks=16)
+    finally:
+        tp2_llm.shutdown()
+    hf = hf_model(llama_alt_dir)
+    with torch.inference_mode():
+        reference = [hf.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                                 pad_token_id=0)[0, len(p):].tolist() for p in batch]
+    assert tp2 == tp1 == reference
+
+
+def test_shutdown_leaves_no_follower(llama_dir: Path) -> None:
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_kv_blocks=64)
+    pids = [p.pid for p in followers()]
+    assert pids
+    llm.shutdown()
+    assert not any(p.pid in pids for p in followers())
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_killed_follower_marks_engine_dead(llama_dir: Path) -> None:
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_kv_blocks=64)
+    try:
+        assert llm.generate([[1, 5, 6]], GREEDY)[0].outputs[0].token_ids
+        (follower,) = followers()
+        os.kill(follower.pid, signal.SIGKILL)
+        follower.join(10)
+        with pytest.raises(EngineDeadError, match="tp-rank-1"):
+            llm.engine.check_health()
+        started = time.monotonic()
+        with pytest.raises(EngineDeadError):
+            llm.generate([[1, 5, 6]], GREEDY)
+        assert time.monotonic() - started < 30
+    finally:
+        llm.shutdown()
