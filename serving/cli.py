@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -246,6 +247,8 @@ def dev_main(argv: list[str]) -> int:
                                      description="Local development stack: a dev API key and the default models.")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--dir", type=Path, default=DEV_DIR, help="where the dev key files live (git-ignored)")
+    parser.add_argument("--gateway-port", type=int, default=5000,
+                        help="MLflow AI Gateway port (gateway_configs/local.yaml); 0 to run without the gateway")
     args, rest = parser.parse_known_args(argv)
     keys_file, key_path = args.dir / "api_keys.json", args.dir / "api_key"
     key, created = _dev_key(keys_file, key_path)
@@ -261,10 +264,37 @@ def dev_main(argv: list[str]) -> int:
                            json={"model": model, "messages": [{"role": "user", "content": "Hello! Who are you?"}],
                                  "max_tokens": 32}, timeout=120)
         reply.raise_for_status()
-        print(f"\nReady. Try:\n  {curl_line(base_url, model, key_path)}\n\nCtrl-C stops the server.", flush=True)
+        print(f"\nReady. Try:\n  {curl_line(base_url, model, key_path)}", flush=True)
+        if gateway is not None:
+            print(f"\nMLflow AI Gateway on http://127.0.0.1:{args.gateway_port} (endpoints llama2-chat, "
+                  "llama2-completions, embeddings):\n  python -c \"from mlflow.deployments import get_deploy_client; "
+                  f"print(get_deploy_client('http://127.0.0.1:{args.gateway_port}').predict(endpoint='llama2-chat', "
+                  "inputs={'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 16}))\"", flush=True)
+        print("\nCtrl-C stops the server.", flush=True)
 
-    return serve_main(["--host", "127.0.0.1", "--port", str(args.port), "--api-keys-file", str(keys_file), *rest],
-                      on_ready=on_ready)
+    gateway = _start_gateway(args.gateway_port, args.port, key, args.dir) if args.gateway_port else None
+    try:
+        return serve_main(["--host", "127.0.0.1", "--port", str(args.port), "--api-keys-file", str(keys_file),
+                           *rest], on_ready=on_ready)
+    finally:
+        if gateway is not None:
+            os.killpg(gateway.pid, signal.SIGTERM)
+            gateway.wait(timeout=30)
+
+
+def _start_gateway(port: int, serving_port: int, key: str, dev_dir: Path) -> subprocess.Popen:
+    """`mlflow gateway start` on gateway_configs/local.yaml, in its own process group, the key in its env."""
+    config = Path(__file__).resolve().parent.parent / "gateway_configs" / "local.yaml"
+    text = config.read_text().replace("http://127.0.0.1:8000", f"http://127.0.0.1:{serving_port}")
+    dev_config = dev_dir / "gateway.yaml"
+    dev_config.parent.mkdir(parents=True, exist_ok=True)
+    dev_config.write_text(text)
+    env = dict(os.environ, MOSAIC_API_KEY=key, GUNICORN_CMD_ARGS="--no-control-socket")
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "gateway", "start", "--config-path", str(dev_config),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, start_new_session=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
