@@ -136,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     else:
         import torch
 
-        gpus = float(args.tensor_parallel_size) if torch.cuda.is_available() else 0.0
+        gpus = 1.0 if torch.cuda.is_available() else 0.0  # per tensor-parallel rank
     fields: dict[str, Any] = dict(
         model=args.model, served_model_name=args.served_model_name,
         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,

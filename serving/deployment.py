@@ -376,6 +376,7 @@ def build_app(config: AppConfig) -> Application:
     llm_options: dict[str, Any] = dict(
         name="LLMServer",
         ray_actor_options={"num_cpus": config.llm_num_cpus, "num_gpus": config.llm_num_gpus},
+        **_tensor_parallel_placement(config),
         max_ongoing_requests=config.replica_capacity,
         max_queued_requests=config.router_queue,
         health_check_period_s=config.health_check_period_s,
@@ -424,10 +425,26 @@ def app_builder(args: dict[str, Any]) -> Application:
     return build_app(AppConfig.model_validate(args))
 
 
+def _tensor_parallel_placement(config: AppConfig) -> dict[str, Any]:
+    """One placement-group bundle per tensor-parallel rank, packed on one node (ranks talk NCCL/gloo).
+
+    The replica actor (rank 0) takes bundle 0 with the options above; the follower actors it starts take
+    the other bundles, so `llm_num_cpus` / `llm_num_gpus` are per rank.
+    """
+    if config.tensor_parallel_size == 1:
+        return {}
+    bundle: dict[str, float] = {"CPU": config.llm_num_cpus}
+    if config.llm_num_gpus:
+        bundle["GPU"] = config.llm_num_gpus
+    return {"placement_group_bundles": [bundle] * config.tensor_parallel_size,
+            "placement_group_strategy": "STRICT_PACK"}
+
+
 def resources_needed(config: AppConfig) -> float:
     """CPUs (Ray logical resources) the application asks for at its initial size."""
     replicas = config.autoscaling.min_replicas if config.autoscaling else config.num_replicas
-    cpus = replicas * config.llm_num_cpus + config.ingress_num_cpus * config.ingress_num_replicas
+    cpus = (replicas * config.llm_num_cpus * config.tensor_parallel_size
+            + config.ingress_num_cpus * config.ingress_num_replicas)
     if config.has_embeddings:
         cpus += config.embedding_num_cpus * config.embedding_num_replicas
     return cpus

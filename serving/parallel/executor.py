@@ -33,6 +33,7 @@ from serving.parallel.state import destroy_tensor_parallel, get_cpu_group, init_
 logger = logging.getLogger(__name__)
 
 _WORKER_JOIN_TIMEOUT_S = 10.0
+FOLLOWER_NAME_PREFIX = "mosaic-tp-follower-"
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,16 @@ class RayFollowers:
 
         group = get_current_placement_group()
         gpu = resolve_device(spec.config.device).type == "cuda"
-        actor_cls = ray.remote(num_cpus=0 if group is None else 1, num_gpus=1 if gpu else 0)(_FollowerActor)
+        # The bundle reserves each rank's CPUs; the follower itself claims only its GPU.
+        actor_cls = ray.remote(num_cpus=0, num_gpus=1 if gpu else 0)(_FollowerActor)
         self.actors, self.runs = [], []
+        driver_id = ray.get_runtime_context().get_actor_id()
         for rank in range(1, spec.config.tensor_parallel_size):
             strategy = (PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
                         if group is not None else "DEFAULT")
-            actor = actor_cls.options(scheduling_strategy=strategy, name=None).remote()
+            # Named after the driver, so operators (and tests) can find a replica's followers.
+            actor = actor_cls.options(scheduling_strategy=strategy,
+                                      name=f"{FOLLOWER_NAME_PREFIX}{driver_id}-rank{rank}").remote()
             self.actors.append(actor)
             # Ray gives each actor its own GPU as device 0.
             self.runs.append(actor.run.remote(rank, spec, 0))
