@@ -12,6 +12,7 @@ weights to a temporary folder. Prints a table and writes JSON under benchmarks/r
 
     python benchmarks/throughput.py              # full run
     python benchmarks/throughput.py --quick      # a few minutes: fewer requests, fewer batch sizes
+    python benchmarks/throughput.py --threads 1  # both sides single-threaded: stable on a shared machine
 """
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ from serving.engine.sequence import Request, Sequence
 from serving.layers.sampler import SamplerOutput
 from serving.models.loader import load_config
 from serving.models.tiny import resolve_model
-from serving.parallel.executor import make_executor
 from serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from serving.parallel.executor import make_executor
 from serving.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

@@ -55,8 +55,8 @@ class ModelRunner:
         """One rank's model and KV cache; the layers shard themselves by the current TP group."""
         if config.tensor_parallel_size != get_tp_world_size():
             raise ValueError(
-                f"tensor_parallel_size={config.tensor_parallel_size} but this process is in a tensor-parallel "
-                f"group of {get_tp_world_size()}: a process drives one group at a time")
+                f"tensor_parallel_size={config.tensor_parallel_size} but this process is in a "
+                f"tensor-parallel group of {get_tp_world_size()}: a process drives one group at a time")
         self.config = config
         self.block_size = config.block_size
         self.device = resolve_device(config.device)

@@ -186,6 +186,7 @@ class TensorParallelExecutor:
         device = rank_device(config, 0)
         init_tensor_parallel(0, config.tensor_parallel_size, spec.init_method, device)
         self.runner = ModelRunner(dataclasses.replace(config, device=str(device)), model_path, max_model_len)
+        self.model = self.runner.model  # rank 0's shard
         self.num_kv_blocks = self.runner.num_kv_blocks
         self.vocab_size = self.runner.vocab_size
         logger.info("tensor parallel: %d ranks (%s followers)", config.tensor_parallel_size,

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 _CPU_GROUP: dist.ProcessGroup | None = None
+_THREADS_BEFORE: int | None = None
 
 
 def get_tp_world_size() -> int:
@@ -27,10 +28,11 @@ def get_tp_rank() -> int:
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
                          timeout_s: float = 600.0) -> None:
     """Join the group of `world_size` ranks; every rank calls this with the same `init_method`."""
-    global _CPU_GROUP
+    global _CPU_GROUP, _THREADS_BEFORE
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # Each rank gets its share of the cores, so N CPU ranks do not oversubscribe the machine.
+    _THREADS_BEFORE = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
@@ -45,7 +47,10 @@ def get_cpu_group() -> dist.ProcessGroup:
 
 
 def destroy_tensor_parallel() -> None:
-    global _CPU_GROUP
+    global _CPU_GROUP, _THREADS_BEFORE
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _CPU_GROUP = None
+    if _THREADS_BEFORE is not None:
+        torch.set_num_threads(_THREADS_BEFORE)
+        _THREADS_BEFORE = None
