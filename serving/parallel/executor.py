@@ -196,10 +196,15 @@ class TensorParallelExecutor:
         return self.runner.prepare(batch)
 
     def run(self, inputs: StepInputs) -> SamplerOutput:
-        self.check_health()
+        # No liveness probe per step (a Ray round trip in the decode loop): a dead follower closes its
+        # sockets, so the step's first collective fails at once and is reported here as the engine's death.
         with self._lock:
-            dist.broadcast_object_list([inputs], src=0, group=get_cpu_group())
-            return self.runner.run(inputs)
+            try:
+                dist.broadcast_object_list([inputs], src=0, group=get_cpu_group())
+                return self.runner.run(inputs)
+            except RuntimeError as error:
+                raise EngineDeadError(self.followers.dead_reason() or f"a tensor-parallel collective failed: "
+                                      f"{error}") from error
 
     def check_health(self) -> None:
         reason = self.followers.dead_reason()
