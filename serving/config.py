@@ -21,7 +21,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.3
     enable_prefix_caching: bool = True
     seed: int = 0
-    attention_backend: str = "auto"       # auto | sdpa | flash_attn
+    attention_backend: str = "auto"       # auto | sdpa | flash_attn | cpu_kernel
     served_model_name: str | None = None  # the name clients use; defaults to the model argument
     stall_timeout_s: float = 30.0         # health check fails when work waits this long without a step
     extra: dict = field(default_factory=dict)
@@ -43,7 +43,7 @@ class EngineConfig:
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "None or >= 1")
         need(0.0 < self.kv_cache_memory_fraction < 1.0, "kv_cache_memory_fraction", "a fraction in (0, 1)")
         need(self.stall_timeout_s > 0, "stall_timeout_s", "a number of seconds > 0")
-        need(self.attention_backend in ("auto", "sdpa", "flash_attn"), "attention_backend",
-             "auto, sdpa or flash_attn")
+        need(self.attention_backend in ("auto", "sdpa", "flash_attn", "cpu_kernel"), "attention_backend",
+             "auto, sdpa, flash_attn or cpu_kernel")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(2048, self.max_num_seqs)

@@ -70,7 +70,8 @@ class ModelRunner:
         self.vocab_size: int = self.model.config.vocab_size
         self.sampler = Sampler(self.device, config.seed)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        backend = select_backend(config.attention_backend, self.device, config.block_size)
+        self.attention_backend, backend = select_backend(config.attention_backend, self.device, self.dtype,
+                                                         config.block_size)
         for layer in layers:
             layer.backend = backend
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks(layers, max_model_len)

@@ -1,8 +1,9 @@
 """Attention over the paged KV cache.
 
 `Attention` writes the step's new keys/values into the cache, then hands the query to a backend that
-attends over each sequence's cached context. Backends: torch SDPA (CPU, and CUDA without flash-attn) and
-flash-attn (CUDA, imported lazily). Sequences in the step's "prefill group" may have several query tokens
+attends over each sequence's cached context. Backends: torch SDPA (CPU, and CUDA without flash-attn),
+flash-attn (CUDA, imported lazily) and, on CPU in float32, SDPA for prefills with a native kernel for
+decodes (serving/kernels). Sequences in the step's "prefill group" may have several query tokens
 (prompt chunks, possibly after a cached prefix); the rest are single-token decodes.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from serving.kernels import PagedDecodeAttention, paged_decode_attention
 from serving.utils.context import AttentionContext, get_context
 
 logger = logging.getLogger(__name__)
@@ -98,37 +100,70 @@ def _sdpa_decode_plan(ctx: AttentionContext, first_seq: int, block_size: int, by
     return tiles
 
 
+def _sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
+                  scale: float, out: torch.Tensor) -> None:
+    """The prefill group's rows of `out`, one SDPA call per sequence."""
+    plans = ctx.derived.get("sdpa_prefill")
+    if plans is None:
+        plans = ctx.derived["sdpa_prefill"] = _sdpa_prefill_plan(ctx, ctx.num_prefill_seqs, k_cache.shape[1])
+    for rows, k_len, block_tables, mask in plans:
+        k = _gather_context(k_cache, block_tables, "k")[:, :, :k_len]                     # [1, KVH, Lk, D]
+        v = _gather_context(v_cache, block_tables, "v")[:, :, :k_len]
+        o = F.scaled_dot_product_attention(q[rows].transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask,
+                                           is_causal=mask is None, scale=scale, enable_gqa=True)
+        out[rows] = o.squeeze(0).transpose(0, 1)
+
+
+def _sdpa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
+                 scale: float, out: torch.Tensor) -> None:
+    """The decode rows of `out` (one query token each), tile by tile over gathered contexts."""
+    kvh = k_cache.shape[2]
+    tiles = ctx.derived.get("sdpa_decode")
+    if tiles is None:
+        bytes_per_token = 2 * kvh * k_cache.shape[3] * k_cache.element_size()
+        tiles = ctx.derived["sdpa_decode"] = _sdpa_decode_plan(ctx, ctx.num_prefill_seqs, k_cache.shape[1],
+                                                               bytes_per_token)
+    # A decode query per head; fold each KV head's query group into the query-length axis, so GQA
+    # becomes plain attention over [B, KVH] with no repeated keys.
+    qd = q[ctx.num_prefill_tokens:].view(-1, kvh, q.shape[1] // kvh, q.shape[2])      # [B, KVH, G, D]
+    od = out[ctx.num_prefill_tokens:].view(qd.shape)
+    for rows, block_tables, mask in tiles:
+        k = _gather_context(k_cache, block_tables, "k")
+        v = _gather_context(v_cache, block_tables, "v")
+        o = F.scaled_dot_product_attention(qd.index_select(0, rows), k, v, attn_mask=mask, scale=scale)
+        od.index_copy_(0, rows, o)
+
+
 def sdpa_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                  ctx: AttentionContext, scale: float) -> torch.Tensor:
-    block_size = k_cache.shape[1]
-    num_prefill, num_prefill_tokens = ctx.num_prefill_seqs, ctx.num_prefill_tokens
     out = torch.empty_like(q)
-    if num_prefill:
-        plans = ctx.derived.get("sdpa_prefill")
-        if plans is None:
-            plans = ctx.derived["sdpa_prefill"] = _sdpa_prefill_plan(ctx, num_prefill, block_size)
-        for rows, k_len, block_tables, mask in plans:
-            k = _gather_context(k_cache, block_tables, "k")[:, :, :k_len]                 # [1, KVH, Lk, D]
-            v = _gather_context(v_cache, block_tables, "v")[:, :, :k_len]
-            o = F.scaled_dot_product_attention(q[rows].transpose(0, 1).unsqueeze(0), k, v, attn_mask=mask,
-                                               is_causal=mask is None, scale=scale, enable_gqa=True)
-            out[rows] = o.squeeze(0).transpose(0, 1)
-    if num_prefill_tokens < q.shape[0]:
-        kvh = k_cache.shape[2]
-        tiles = ctx.derived.get("sdpa_decode")
-        if tiles is None:
-            bytes_per_token = 2 * kvh * k_cache.shape[3] * k_cache.element_size()
-            tiles = ctx.derived["sdpa_decode"] = _sdpa_decode_plan(ctx, num_prefill, block_size, bytes_per_token)
-        # A decode query per head; fold each KV head's query group into the query-length axis, so GQA
-        # becomes plain attention over [B, KVH] with no repeated keys.
-        qd = q[num_prefill_tokens:].view(-1, kvh, q.shape[1] // kvh, q.shape[2])  # [B, KVH, G, D]
-        od = out[num_prefill_tokens:].view(qd.shape)
-        for rows, block_tables, mask in tiles:
-            k = _gather_context(k_cache, block_tables, "k")
-            v = _gather_context(v_cache, block_tables, "v")
-            o = F.scaled_dot_product_attention(qd.index_select(0, rows), k, v, attn_mask=mask, scale=scale)
-            od.index_copy_(0, rows, o)
+    if ctx.num_prefill_seqs:
+        _sdpa_prefill(q, k_cache, v_cache, ctx, scale, out)
+    if ctx.num_prefill_tokens < q.shape[0]:
+        _sdpa_decode(q, k_cache, v_cache, ctx, scale, out)
     return out
+
+
+def cpu_kernel_backend(kernel: PagedDecodeAttention) -> AttentionBackend:
+    """Prefill through SDPA (long queries: matrix products pay off), decode rows through the native
+    paged-attention kernel, which reads each cached key and value once, in place (float32 only)."""
+
+    def backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                ctx: AttentionContext, scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        if ctx.num_prefill_seqs:
+            _sdpa_prefill(q, k_cache, v_cache, ctx, scale, out)
+        first = ctx.num_prefill_tokens
+        if first < q.shape[0]:
+            if q.dtype != torch.float32 or not (q.is_contiguous() and k_cache.is_contiguous()
+                                                and v_cache.is_contiguous()):
+                raise ValueError("the CPU attention kernel takes contiguous float32 queries and caches")
+            decode = ctx.num_prefill_seqs
+            kernel(out[first:], q[first:], k_cache, v_cache, ctx.block_tables[decode:].contiguous(),
+                   ctx.seq_lens_k[decode:].contiguous(), scale)
+        return out
+
+    return backend
 
 
 def flash_attn_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -145,20 +180,29 @@ def flash_attn_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     )
 
 
-def select_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
-    """auto: flash-attn on CUDA when installed and the block size suits its paged kernel, else SDPA."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype,
+                   block_size: int) -> tuple[str, AttentionBackend]:
+    """(name, backend) for a configured name. auto: flash-attn on CUDA when installed and the block size
+    suits its paged kernel; on CPU in float32 the native decode kernel when it builds here; else SDPA."""
+    if name == "cpu_kernel" or (name == "auto" and device.type == "cpu" and dtype == torch.float32):
+        kernel = paged_decode_attention() if device.type == "cpu" and dtype == torch.float32 else None
+        if kernel is not None:
+            return "cpu_kernel", cpu_kernel_backend(kernel)
+        if name == "cpu_kernel":
+            raise ValueError("attention_backend='cpu_kernel' needs a float32 CPU model and a C compiler with "
+                             "OpenMP (see the log for the build error)")
     flash_ok = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     if name == "flash_attn" and not flash_ok:
         raise ValueError("attention_backend='flash_attn' needs CUDA and the flash-attn package ([gpu] extra)")
     if name == "sdpa" or not flash_ok:
-        return sdpa_backend
+        return "sdpa", sdpa_backend
     if block_size % 256:
         # flash-attn's paged varlen kernel takes pages of 256 tokens or multiples.
         if name == "flash_attn":
             raise ValueError(f"attention_backend='flash_attn' needs block_size % 256 == 0, got {block_size}")
         logger.info("flash-attn needs block_size %% 256 == 0 (got %d); using SDPA", block_size)
-        return sdpa_backend
-    return flash_attn_backend
+        return "sdpa", sdpa_backend
+    return "flash_attn", flash_attn_backend
 
 
 class Attention(nn.Module):

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
+
+from serving.utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -59,10 +60,6 @@ TINY_CONFIG = {
     "eos_token_id": 2,
     "torch_dtype": "float32",
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MOSAIC_CACHE_DIR") or Path.home() / ".cache" / "mosaic-serve")
 
 
 def resolve_model(name_or_path: str) -> Path:

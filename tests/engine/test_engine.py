@@ -49,10 +49,20 @@ def reference(hf_llama, prompts) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def llm(llama_dir: Path) -> LLM:
-    return LLM(str(llama_dir), num_kv_blocks=512)
+    """At the defaults: on CPU in float32 that is the native decode-attention kernel."""
+    engine = LLM(str(llama_dir), num_kv_blocks=512)
+    assert engine.engine.model_runner.attention_backend == "cpu_kernel"
+    return engine
 
 
-def test_greedy_parity_with_transformers(llm, prompts, reference):
+@pytest.fixture(scope="module")
+def sdpa_llm(llama_dir: Path) -> LLM:
+    return LLM(str(llama_dir), num_kv_blocks=512, attention_backend="sdpa")
+
+
+@pytest.mark.parametrize("engine", ["llm", "sdpa_llm"])
+def test_greedy_parity_with_transformers(engine: str, prompts, reference, request: pytest.FixtureRequest):
+    llm = request.getfixturevalue(engine)
     outputs = llm.generate(prompts, GREEDY)
     assert tokens(outputs) == reference
     assert all(o.finished and o.outputs[0].finish_reason == "length" for o in outputs)
@@ -80,11 +90,13 @@ def test_preemption_with_a_tiny_pool_keeps_outputs_exact(llama_dir: Path, prompt
     assert not small.engine.has_unfinished_requests()
 
 
-def test_batch_invariance(llm, prompts, reference, monkeypatch):
+@pytest.mark.parametrize("engine", ["llm", "sdpa_llm"])
+def test_batch_invariance(engine: str, prompts, reference, monkeypatch, request: pytest.FixtureRequest):
+    llm = request.getfixturevalue(engine)
     target, expected = prompts[4], reference[4]
     others = [random_prompt(20 + 13 * i, seed=100 + i) for i in range(15)]
     assert tokens(llm.generate([target], GREEDY)) == [expected]
-    # The smallest decode tiles (4 sequences each), so the batch runs as several tiles of mixed lengths.
+    # SDPA: the smallest decode tiles (4 sequences each), so the batch runs as several tiles of mixed lengths.
     monkeypatch.setattr(attention, "_DECODE_TILE_BYTES", 1)
     batch = others[:7] + [target] + others[7:]
     assert tokens(llm.generate(batch, GREEDY))[7] == expected

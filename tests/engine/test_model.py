@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from serving.layers.attention import select_backend
 from serving.models.loader import load_model
 from serving.models.tiny import ensure_tiny_checkpoint
 from tests.fixtures.checkpoints import hf_model
-from tests.fixtures.paged_harness import PagedHarness
+from tests.fixtures.paged_harness import BLOCK_SIZE, PagedHarness
 
 ATOL = 2e-4
 
@@ -22,14 +23,16 @@ def reference_logits(hf: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
         return hf(torch.tensor([tokens])).logits[0].float()
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "cpu_kernel"])
 @pytest.mark.parametrize("fixture", ["llama_dir", "llama_alt_dir", "tiny_chat_dir"])
-def test_paged_steps_match_transformers(fixture: str, request: pytest.FixtureRequest) -> None:
+def test_paged_steps_match_transformers(fixture: str, backend: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(fixture)
     ours, hf = load_model(path, torch.float32, torch.device("cpu")), hf_model(path)
     gen = torch.Generator().manual_seed(0)
     vocab = ours.config.vocab_size
     seqs = {i: torch.randint(3, vocab, (n,), generator=gen).tolist() for i, n in enumerate([5, 37, 300])}
-    harness = PagedHarness(ours)
+    _, attend = select_backend(backend, torch.device("cpu"), torch.float32, BLOCK_SIZE)
+    harness = PagedHarness(ours, backend=attend)
 
     # 1. A mixed prefill: whole prompt prefixes of two lengths in one flat batch.
     logits = harness.step({1: seqs[1][:17], 2: seqs[2][:280]})

@@ -1,0 +1,105 @@
+"""Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
+
+Plain C with OpenMP, no torch headers: a build takes about a second, needs nothing but `cc`, and happens
+once per machine (the shared object is cached under $MOSAIC_CACHE_DIR/kernels, keyed by the source, the
+compiler and the CPU's features, since it is built for this CPU). The library links `libgomp.so.1`, which
+resolves to the copy torch has already loaded, so the kernels share torch's OpenMP thread pool. Where no
+compiler or OpenMP is available the engine keeps its pure-torch path (a warning says so, once).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from serving.utils.cache import cache_dir
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = "paged_attention.c"
+_COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
+# Linked without -ffast-math: linking with it would add crtfastmath.o, whose constructor changes the
+# floating-point mode of the whole process when the library loads.
+_LINK_FLAGS = ("-shared", "-fopenmp")
+
+PagedDecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor, float], None]
+
+
+def _cpu_features() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _build(compiler: str, source: Path, target: Path) -> None:
+    """Compile `source` into `target` atomically: concurrent first uses each build, the last rename wins."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
+        for cmd in ([compiler, *_COMPILE_FLAGS, "-c", str(source), "-o", str(obj)],
+                    [compiler, *_LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
+        os.replace(lib, target)
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.warning("no C compiler found: CPU attention uses the pure-torch path")
+        return None
+    source = resources.files(__package__) / _SOURCE
+    key = hashlib.sha256()
+    for part in (source.read_bytes(), compiler.encode(), " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode(),
+                 platform.machine().encode(), _cpu_features().encode()):
+        key.update(part)
+    target = cache_dir() / "kernels" / f"paged_attention-{key.hexdigest()[:16]}.so"
+    try:
+        if not target.exists():
+            with resources.as_file(source) as path:
+                _build(compiler, path, target)
+            logger.info("built CPU attention kernel %s", target)
+        return ctypes.CDLL(str(target))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("CPU attention kernel unavailable (%s): using the pure-torch path", exc)
+        return None
+
+
+def paged_decode_attention() -> PagedDecodeAttention | None:
+    """The float32 paged decode-attention kernel, or None where it cannot be built here.
+
+    The returned function takes (out, q, k_cache, v_cache, block_tables, seq_lens, scale): out/q
+    [N, H, D], caches [num_blocks, block_size, KVH, D], block_tables [N, max_blocks] int32, seq_lens [N]
+    int32, all contiguous float32/int32 CPU tensors; it writes out in place.
+    """
+    lib = _library()
+    if lib is None:
+        return None
+    kernel = lib.paged_decode_attention_f32
+    kernel.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    kernel.restype = None
+
+    def run(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> None:
+        num_seqs, num_heads, head_dim = q.shape
+        kernel(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+               seq_lens.data_ptr(), num_seqs, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
+               block_tables.shape[1], scale, torch.get_num_threads())
+
+    return run
