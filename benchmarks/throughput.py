@@ -3,8 +3,9 @@
 Workload: `--num-requests` random-token prompts (lengths uniform in [16, 512]) each asking for a number of
 new tokens uniform in [16, 256], greedy, EOS ignored, fixed seed. Only the tokens each request asked for
 count as useful. transformers runs static left-padded batches (each batch runs until its longest request
-is done) at several batch sizes; our engine runs everything at once at its defaults, and again capped at
-transformers' best batch size. Batch-1 decode speed is the per-token time of a long generation minus a
+is done) at several batch sizes; our engine runs everything at once at its defaults, again capped at
+transformers' best batch size, and again with torch SDPA for decode attention instead of the native CPU
+kernel (an ablation). Batch-1 decode speed is the per-token time of a long generation minus a
 one-token one (so the prefill cancels out).
 
 Models: the embedded default (`tiny-llama-2-chat`) and a ~100M-parameter Llama written with random
@@ -131,7 +132,8 @@ def bench_engine(path: Path, requests: list[tuple[list[int], int]], useful: int,
     run_engine(llm, warmup)
     seconds = run_engine(llm, requests)
     result = {"seconds": seconds, "tokens_per_s": useful / seconds,
-              "num_preemptions": llm.engine.stats().num_preemptions, **engine_args}
+              "num_preemptions": llm.engine.stats().num_preemptions,
+              "attention_backend": llm.engine.model_runner.attention_backend, **engine_args}
     label = ", ".join(f"{k}={v}" for k, v in engine_args.items()) or "defaults"
     print(f"engine ({label}): {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
     if decode:
@@ -155,11 +157,14 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: i
     gc.collect()
     same_batch = bench_engine(path, requests, useful, args, decode=False, max_num_seqs=best_bs)
     gc.collect()
+    # Ablation: the engine with torch SDPA for decodes too, instead of the native CPU kernel.
+    sdpa = bench_engine(path, requests, useful, args, decode=False, attention_backend="sdpa")
+    gc.collect()
     return {"model": name, "num_requests": num_requests, "useful_tokens": useful,
             "transformers": hf["batches"], "transformers_best_batch": best_bs,
             "transformers_decode_ms": hf["decode_ms"], "engine_decode_ms": engine.pop("decode_ms"),
             "engine": engine,
-            "engine_same_batch": same_batch}
+            "engine_same_batch": same_batch, "engine_sdpa": sdpa}
 
 
 def print_table(results: list[dict]) -> None:
@@ -175,6 +180,9 @@ def print_table(results: list[dict]) -> None:
         same = r["engine_same_batch"]
         print(f"| {r['model']} | engine (max_num_seqs={same['max_num_seqs']}) | {same['tokens_per_s']:.1f} | "
               f"{same['tokens_per_s'] / best:.2f}x |")
+        sdpa = r["engine_sdpa"]
+        print(f"| {r['model']} | engine (attention_backend=sdpa) | {sdpa['tokens_per_s']:.1f} | "
+              f"{sdpa['tokens_per_s'] / best:.2f}x |")
     print("\n| model | batch-1 decode ms/token: engine | transformers | speed-up |")
     print("| --- | ---: | ---: | ---: |")
     for r in results:
