@@ -372,10 +372,10 @@ class Ingress:
         return create_app(self.ctx)
 
 
-# Replica code on the replica's own event loop, and deployment-handle routers on their caller's loop:
-# Ray Serve's defaults put each on a thread of its own, which costs a cross-thread hand-off per request
-# and per streamed item. Set per actor, so it holds on whatever cluster the app is deployed to.
-_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
+# Replica code on the replica's own event loop: Ray Serve's default puts it on a thread of its own, which
+# costs a cross-thread hand-off per request and per streamed item. (Routers stay on their own loop: on the
+# caller's loop a burst slips past max_queued_requests.) Set per actor, so it holds on any cluster.
+_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 def _actor_options(num_cpus: float, **resources: float) -> dict[str, Any]:
