@@ -7,6 +7,7 @@ streamed chunk, both ways, and what the gateway adds. Goal: at most 1.5 ms added
 
     python benchmarks/gateway_overhead.py                       # starts a local stack and gateway
     python benchmarks/gateway_overhead.py --serving-url http://127.0.0.1:8000 --api-key $MOSAIC_API_KEY
+    python benchmarks/gateway_overhead.py --fake-upstream     # the gateway alone, against an instant fake API
 
 Writes benchmarks/results/gateway_overhead.json.
 """
@@ -65,9 +66,26 @@ def local_stack(model: str) -> Iterator[tuple[str, str]]:
 
 
 @contextmanager
-def serving(url: str | None, api_key: str | None, model: str) -> Iterator[tuple[str, str]]:
+def fake_upstream() -> Iterator[tuple[str, str]]:
+    """The gateway tests' fake serving API (aiohttp, answers at once): what the gateway alone adds, without
+    a serving stack competing for the same cores."""
+    from tests.gateway.fake_serving import FakeServing
+
+    fake = FakeServing(api_key="bench-fake-key")
+    fake.start()
+    try:
+        yield fake.base_url, fake.api_key
+    finally:
+        fake.stop()
+
+
+@contextmanager
+def serving(url: str | None, api_key: str | None, model: str, fake: bool) -> Iterator[tuple[str, str]]:
     if url:
         yield url, api_key
+    elif fake:
+        with fake_upstream() as upstream:
+            yield upstream
     else:
         with local_stack(model) as stack:
             yield stack
@@ -197,17 +215,25 @@ def main() -> None:
         "--api-key", default=os.environ.get("MOSAIC_API_KEY"), help="default: $MOSAIC_API_KEY"
     )
     parser.add_argument("--model", default="tiny-llama-2-chat")
+    parser.add_argument("--fake-upstream", action="store_true",
+                        help="measure against an instant fake serving API instead of a local stack")
     parser.add_argument("--requests", type=int, default=300, help="measured requests per path and kind")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--stream-tokens", type=int, default=4, help="max_tokens of the streamed requests")
     parser.add_argument(
-        "--output", type=Path, default=REPO / "benchmarks" / "results" / "gateway_overhead.json"
+        "--output", type=Path, help="default: benchmarks/results/gateway_overhead[-fake-upstream].json"
     )
     args = parser.parse_args()
+    if args.fake_upstream:
+        from tests.gateway.fake_serving import TEXT_MODEL
+
+        args.model = TEXT_MODEL
+    name = "gateway_overhead-fake-upstream.json" if args.fake_upstream else "gateway_overhead.json"
+    args.output = args.output or REPO / "benchmarks" / "results" / name
 
     if args.serving_url and not args.api_key:
         parser.error("--api-key (or $MOSAIC_API_KEY) is required with --serving-url")
-    with serving(args.serving_url, args.api_key, args.model) as (serving_url, api_key):
+    with serving(args.serving_url, args.api_key, args.model, args.fake_upstream) as (serving_url, api_key):
         with tempfile.TemporaryDirectory() as workdir:
             gateway = start_gateway(
                 Path(workdir), gateway_endpoints(serving_url, args.model), {"MOSAIC_API_KEY": api_key}
@@ -228,6 +254,7 @@ def main() -> None:
     result = summarize(samples)
     result["config"] = {
         "requests": args.requests, "warmup": args.warmup, "stream_tokens": args.stream_tokens, "model": args.model, "gateway_workers": 1,
+        "upstream": "fake" if args.fake_upstream else (args.serving_url or "local stack"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
     }  # fmt: skip
     args.output.parent.mkdir(parents=True, exist_ok=True)
