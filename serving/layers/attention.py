@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -134,36 +135,41 @@ def _sdpa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         od.index_copy_(0, rows, o)
 
 
-def sdpa_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 ctx: AttentionContext, scale: float) -> torch.Tensor:
-    out = torch.empty_like(q)
-    if ctx.num_prefill_seqs:
-        _sdpa_prefill(q, k_cache, v_cache, ctx, scale, out)
-    if ctx.num_prefill_tokens < q.shape[0]:
-        _sdpa_decode(q, k_cache, v_cache, ctx, scale, out)
-    return out
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext, float, torch.Tensor], None]
 
 
-def cpu_kernel_backend(kernel: PagedDecodeAttention) -> AttentionBackend:
-    """Prefill through SDPA (long queries: matrix products pay off), decode rows through the native
-    paged-attention kernel, which reads each cached key and value once, in place (float32 only)."""
+def _prefill_then(decode: DecodeAttention) -> AttentionBackend:
+    """A backend that attends the prefill group through SDPA and the decode rows through `decode`."""
 
     def backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 ctx: AttentionContext, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         if ctx.num_prefill_seqs:
             _sdpa_prefill(q, k_cache, v_cache, ctx, scale, out)
-        first = ctx.num_prefill_tokens
-        if first < q.shape[0]:
-            if q.dtype != torch.float32 or not (q.is_contiguous() and k_cache.is_contiguous()
-                                                and v_cache.is_contiguous()):
-                raise ValueError("the CPU attention kernel takes contiguous float32 queries and caches")
-            decode = ctx.num_prefill_seqs
-            kernel(out[first:], q[first:], k_cache, v_cache, ctx.block_tables[decode:].contiguous(),
-                   ctx.seq_lens_k[decode:].contiguous(), scale)
+        if ctx.num_prefill_tokens < q.shape[0]:
+            decode(q, k_cache, v_cache, ctx, scale, out)
         return out
 
     return backend
+
+
+sdpa_backend = _prefill_then(_sdpa_decode)
+
+
+def cpu_kernel_backend(kernel: PagedDecodeAttention) -> AttentionBackend:
+    """Prefill through SDPA (long queries: matrix products pay off), decode rows through the native
+    paged-attention kernel, which reads each cached key and value once, in place (float32 only)."""
+
+    def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
+               scale: float, out: torch.Tensor) -> None:
+        if q.dtype != torch.float32 or not (q.is_contiguous() and k_cache.is_contiguous()
+                                            and v_cache.is_contiguous()):
+            raise ValueError("the CPU attention kernel takes contiguous float32 queries and caches")
+        first, seqs = ctx.num_prefill_tokens, ctx.num_prefill_seqs
+        kernel(out[first:], q[first:], k_cache, v_cache, ctx.block_tables[seqs:].contiguous(),
+               ctx.seq_lens_k[seqs:].contiguous(), scale)
+
+    return _prefill_then(decode)
 
 
 def flash_attn_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
