@@ -75,10 +75,14 @@ def _library() -> ctypes.CDLL | None:
             with resources.as_file(source) as path:
                 _build(compiler, path, target)
             logger.info("built CPU attention kernel %s", target)
-        return ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("CPU attention kernel unavailable (%s): using the pure-torch path", exc)
         return None
+    kernel = lib.paged_decode_attention_f32
+    kernel.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    kernel.restype = None
+    return lib
 
 
 def paged_decode_attention() -> PagedDecodeAttention | None:
@@ -92,8 +96,6 @@ def paged_decode_attention() -> PagedDecodeAttention | None:
     if lib is None:
         return None
     kernel = lib.paged_decode_attention_f32
-    kernel.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
-    kernel.restype = None
 
     def run(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> None:

@@ -135,7 +135,9 @@ def _sdpa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         od.index_copy_(0, rows, o)
 
 
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext, float, torch.Tensor], None]
+# (q, k_cache, v_cache, ctx, scale, out): writes the decode rows of `out`.
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext, float, torch.Tensor],
+                           None]
 
 
 def _prefill_then(decode: DecodeAttention) -> AttentionBackend:
@@ -165,9 +167,13 @@ def cpu_kernel_backend(kernel: PagedDecodeAttention) -> AttentionBackend:
         if q.dtype != torch.float32 or not (q.is_contiguous() and k_cache.is_contiguous()
                                             and v_cache.is_contiguous()):
             raise ValueError("the CPU attention kernel takes contiguous float32 queries and caches")
-        first, seqs = ctx.num_prefill_tokens, ctx.num_prefill_seqs
-        kernel(out[first:], q[first:], k_cache, v_cache, ctx.block_tables[seqs:].contiguous(),
-               ctx.seq_lens_k[seqs:].contiguous(), scale)
+        rows = ctx.derived.get("kernel_decode")
+        if rows is None:
+            seqs = ctx.num_prefill_seqs
+            rows = ctx.derived["kernel_decode"] = (ctx.block_tables[seqs:].contiguous(),
+                                                   ctx.seq_lens_k[seqs:].contiguous())
+        first = ctx.num_prefill_tokens
+        kernel(out[first:], q[first:], k_cache, v_cache, *rows, scale)
 
     return _prefill_then(decode)
 
@@ -190,8 +196,9 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype,
                    block_size: int) -> tuple[str, AttentionBackend]:
     """(name, backend) for a configured name. auto: flash-attn on CUDA when installed and the block size
     suits its paged kernel; on CPU in float32 the native decode kernel when it builds here; else SDPA."""
-    if name == "cpu_kernel" or (name == "auto" and device.type == "cpu" and dtype == torch.float32):
-        kernel = paged_decode_attention() if device.type == "cpu" and dtype == torch.float32 else None
+    kernel_fits = device.type == "cpu" and dtype == torch.float32
+    if name == "cpu_kernel" or (name == "auto" and kernel_fits):
+        kernel = paged_decode_attention() if kernel_fits else None
         if kernel is not None:
             return "cpu_kernel", cpu_kernel_backend(kernel)
         if name == "cpu_kernel":
