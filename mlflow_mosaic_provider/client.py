@@ -15,13 +15,15 @@ import math
 import random
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import aiohttp
 from fastapi import HTTPException
 
 from mlflow_mosaic_provider.config import MosaicConfig
+from mlflow_mosaic_provider.metrics import FAILOVERS, REQUESTS
+from mlflow_mosaic_provider.regions import Region, Regions
 
 _logger = logging.getLogger(__name__)
 
@@ -140,20 +142,40 @@ def _upstream_status(status: int) -> int:
 
 
 class _Failure(Exception):
-    """An attempt that failed; `retryable` says whether another attempt may succeed."""
+    """An attempt that failed.
 
-    def __init__(self, error: HTTPException, retryable: bool, retry_after: float | None = None):
+    `retryable`: another attempt on the same region may succeed (after a backoff). `failover`: the region
+    itself failed (refused or dropped connection, timeout, 503), so the next region is tried at once.
+    """
+
+    def __init__(
+        self,
+        error: HTTPException,
+        retryable: bool,
+        retry_after: float | None = None,
+        failover: str | None = None,
+    ):
         super().__init__(error.detail)
         self.error = error
         self.retryable = retryable
         self.retry_after = retry_after
+        self.failover = failover  # why the region failed (a metric label), or None when it answered
+
+
+def _region_lost(status: int, message: str, reason: str) -> _Failure:
+    """The region went away mid-answer (`reason`: timeout or reset): not retried there, failed over."""
+    return _Failure(gateway_error(status, message), retryable=False, failover=reason)
+
+
+R = TypeVar("R")
 
 
 class MosaicClient:
-    """Calls the serving tier's OpenAI-compatible API for one endpoint config."""
+    """Calls the serving tier's OpenAI-compatible API for one endpoint config, over its regions in order."""
 
-    def __init__(self, config: MosaicConfig) -> None:
-        self._base = config.mosaic_api_base
+    def __init__(self, config: MosaicConfig, endpoint: str = "") -> None:
+        self._endpoint = endpoint
+        self._regions = Regions(config.api_bases, config.region_cooldown_s)
         self._headers = {"Content-Type": "application/json"}
         if config.mosaic_api_key is not None:
             self._headers["Authorization"] = f"Bearer {config.mosaic_api_key.get_secret_value()}"
@@ -168,73 +190,108 @@ class MosaicClient:
         )
 
     def __repr__(self) -> str:
-        return f"MosaicClient(base={self._base!r})"
+        return f"MosaicClient(regions={[r.base_url for r in self._regions.regions]!r})"
 
     async def post_json(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
         """POST and return the JSON body of a successful answer."""
-        response = await self._send(path, payload, self._json_timeout)
-        try:
-            body = await response.read()
-        except TimeoutError:
-            raise gateway_error(504, f"the serving tier did not answer {path} in time") from None
-        except aiohttp.ClientError as e:
-            raise gateway_error(
-                502, f"the serving tier dropped the connection ({type(e).__name__})"
-            ) from None
-        finally:
-            response.release()
-        try:
-            return json.loads(body)
-        except ValueError:
-            raise gateway_error(502, f"the serving tier sent a non-JSON answer to {path}") from None
+
+        async def read(response: aiohttp.ClientResponse) -> dict[str, Any]:
+            try:
+                body = await response.read()
+            except TimeoutError:
+                raise _region_lost(504, f"the serving tier did not answer {path} in time", "timeout") from None
+            except aiohttp.ClientError as e:
+                raise _region_lost(
+                    502, f"the serving tier dropped the connection ({type(e).__name__})", "reset"
+                ) from None
+            finally:
+                response.release()
+            try:
+                return json.loads(body)
+            except ValueError:
+                raise gateway_error(502, f"the serving tier sent a non-JSON answer to {path}") from None
+
+        return await self._exchange(path, payload, self._json_timeout, read)
 
     async def post_stream(self, path: str, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """POST with `stream: true` and yield each SSE event's JSON as soon as it arrives.
 
-        Errors before the first event raise (the caller can still answer with a real status); an
-        error event or a stream cut before `[DONE]` raises mid-iteration.
+        Errors before the first event raise (the caller can still answer with a real status, and a
+        region that fails before it is failed over); an error event or a stream cut before `[DONE]`
+        raises mid-iteration.
         """
-        response = await self._send(path, payload, self._stream_timeout)
-        done = False
+
+        async def first_event(response: aiohttp.ClientResponse):
+            events = _stream_events(response, path)
+            try:
+                return events, await anext(events, None)
+            except BaseException:
+                await events.aclose()
+                raise
+
+        events, first = await self._exchange(path, payload, self._stream_timeout, first_event)
         try:
-            async for event in _sse_events(response):
-                if event == b"[DONE]":
-                    done = True
-                    return
-                try:
-                    data = json.loads(event)
-                except ValueError:
-                    raise gateway_error(
-                        502, f"the serving tier sent a malformed {path} stream event"
-                    ) from None
-                if isinstance(data, dict) and "error" in data:
-                    raise _stream_error(data["error"])
-                yield data
-            raise gateway_error(502, f"the serving tier ended the {path} stream before [DONE]")
-        except TimeoutError:
-            raise gateway_error(504, f"the serving tier went silent on the {path} stream") from None
-        except aiohttp.ClientError as e:
-            raise gateway_error(
-                502, f"the serving tier dropped the {path} stream ({type(e).__name__})"
-            ) from None
+            if first is None:
+                return
+            yield first
+            async for event in events:
+                yield event
+        except _Failure as failure:
+            raise failure.error from None
         finally:
-            # Closing (not releasing) an unfinished stream drops the connection, which is how the
-            # serving tier learns the client left and frees the request's KV blocks.
-            if done:
-                response.release()
-            else:
-                response.close()
+            await events.aclose()
+
+    async def _exchange(
+        self,
+        path: str,
+        payload: dict[str, Any],
+        timeout: aiohttp.ClientTimeout,
+        start: Callable[[aiohttp.ClientResponse], Awaitable[R]],
+    ) -> R:
+        """Send, then `start` reading the answer (its body, or a stream's first event). A region that
+        fails before `start` is done (nothing has reached the client yet) is failed over, once per region."""
+        tried: list[Region] = []
+        while True:
+            response, served_by = await self._send(path, payload, timeout, avoid=tried)
+            try:
+                result = await start(response)
+            except _Failure as failure:
+                tried.append(served_by)
+                if failure.failover is None or not self._regions.any_besides(tried):
+                    self._record(served_by, failure.error.status_code)
+                    raise failure.error from None
+                self._region_failed(served_by, failure, path)
+                continue
+            except HTTPException as e:
+                self._record(served_by, e.status_code)
+                raise
+            self._record(served_by, 200)
+            return result
+
+    def _record(self, served_by: Region, status: int) -> None:
+        REQUESTS.labels(self._endpoint, served_by.base_url, str(status)).inc()
+        if served_by is not self._regions.regions[0]:
+            _logger.info("endpoint %s: region %s answered %d", self._endpoint, served_by.base_url, status)
+
+    def _region_failed(self, region: Region, failure: _Failure, path: str) -> None:
+        cooldown = failure.retry_after if failure.error.status_code == 503 and failure.retry_after else None
+        region.failed(cooldown or self._regions.cooldown_s, f"{failure.failover} on {path}")
+        FAILOVERS.labels(self._endpoint, region.base_url, failure.failover).inc()
 
     async def _send(
-        self, path: str, payload: dict[str, Any], timeout: aiohttp.ClientTimeout
-    ) -> aiohttp.ClientResponse:
-        """One logical request: retries refused connections and 429/503 within the retry budget."""
-        url = self._base + path
+        self,
+        path: str,
+        payload: dict[str, Any],
+        timeout: aiohttp.ClientTimeout,
+        avoid: list[Region],
+    ) -> tuple[aiohttp.ClientResponse, Region]:
+        """One logical request: the regions in order, failing over at once; then retries of refused
+        connections and 429/503 within the retry budget. Returns the response and the region that sent it."""
         deadline = time.monotonic() + self._retry_budget_s
         attempt = 0
         while True:
             try:
-                return await self._attempt(url, path, payload, timeout)
+                return await self._round(path, payload, timeout, avoid)
             except _Failure as failure:
                 delay = failure.retry_after
                 if delay is None:
@@ -256,25 +313,48 @@ class MosaicClient:
                 )
                 await asyncio.sleep(delay)
 
+    async def _round(
+        self, path: str, payload: dict[str, Any], timeout: aiohttp.ClientTimeout, avoid: list[Region]
+    ) -> tuple[aiohttp.ClientResponse, Region]:
+        """Each region once, best first, until one answers. Raises the best region's failure."""
+        first: _Failure | None = None
+        for region in self._regions.order(avoid):
+            region.begin(time.monotonic(), self._regions.cooldown_s)
+            try:
+                response = await self._attempt(region.base_url, path, payload, timeout)
+            except _Failure as failure:
+                if failure.failover is None:
+                    region.succeeded()  # it answered: up, though it refused this request
+                    raise
+                self._region_failed(region, failure, path)
+                first = first or failure
+                continue
+            region.succeeded()
+            return response, region
+        assert first is not None, "a round has at least one region"
+        raise first
+
     async def _attempt(
-        self, url: str, path: str, payload: dict[str, Any], timeout: aiohttp.ClientTimeout
+        self, base: str, path: str, payload: dict[str, Any], timeout: aiohttp.ClientTimeout
     ) -> aiohttp.ClientResponse:
         try:
-            response = await shared_session(self._base).post(
-                url, json=payload, headers=self._headers, timeout=timeout, allow_redirects=False
+            response = await shared_session(base).post(
+                base + path, json=payload, headers=self._headers, timeout=timeout, allow_redirects=False
             )
         except TimeoutError:
-            raise gateway_error(504, f"the serving tier did not answer {path} in time") from None
+            raise _region_lost(504, f"the serving tier did not answer {path} in time", "timeout") from None
         except aiohttp.ClientConnectorError:
             # Nothing was sent, so trying again is always safe.
             raise _Failure(
-                gateway_error(503, f"cannot connect to the serving tier at {self._base}", retry_after=1),
+                gateway_error(503, f"cannot connect to the serving tier at {base}", retry_after=1),
                 retryable=True,
+                failover="connect",
             ) from None
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
             raise _Failure(
                 gateway_error(502, f"the serving tier reset the connection ({type(e).__name__})"),
                 retryable=True,
+                failover="reset",
             ) from None
         except aiohttp.ClientError as e:
             raise gateway_error(502, f"request to the serving tier failed ({type(e).__name__})") from None
@@ -293,7 +373,47 @@ class MosaicClient:
             _error_message(body, response.reason or str(response.status)),
             retry_after if status in _RETRYABLE_STATUS else None,
         )
-        raise _Failure(error, retryable=status in _RETRYABLE_STATUS, retry_after=retry_after)
+        raise _Failure(
+            error,
+            retryable=status in _RETRYABLE_STATUS,
+            retry_after=retry_after,
+            failover="503" if status == 503 else None,
+        )
+
+
+async def _stream_events(response: aiohttp.ClientResponse, path: str) -> AsyncIterator[dict[str, Any]]:
+    """The JSON of each SSE event until `[DONE]`; failures raise `_Failure` (with `failover` set where the
+    region went away: dropped connection, silence, a 503 error event, an end without `[DONE]`)."""
+    done = False
+    try:
+        async for event in _sse_events(response):
+            if event == b"[DONE]":
+                done = True
+                return
+            try:
+                data = json.loads(event)
+            except ValueError:
+                raise _Failure(
+                    gateway_error(502, f"the serving tier sent a malformed {path} stream event"), retryable=False
+                ) from None
+            if isinstance(data, dict) and "error" in data:
+                error = _stream_error(data["error"])
+                raise _Failure(error, retryable=False, failover="503" if error.status_code == 503 else None)
+            yield data
+        raise _region_lost(502, f"the serving tier ended the {path} stream before [DONE]", "reset")
+    except TimeoutError:
+        raise _region_lost(504, f"the serving tier went silent on the {path} stream", "timeout") from None
+    except aiohttp.ClientError as e:
+        raise _region_lost(
+            502, f"the serving tier dropped the {path} stream ({type(e).__name__})", "reset"
+        ) from None
+    finally:
+        # Closing (not releasing) an unfinished stream drops the connection, which is how the
+        # serving tier learns the client left and frees the request's KV blocks.
+        if done:
+            response.release()
+        else:
+            response.close()
 
 
 async def _sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -45,8 +45,21 @@ def resolve_api_key(reference: str) -> SecretStr:
     return SecretStr(value)
 
 
+def _serving_root(url: str) -> str:
+    url = url.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError("mosaic_api_base must be an http:// or https:// URL")
+    if url.endswith("/v1"):
+        raise ValueError("mosaic_api_base is the serving root (e.g. http://127.0.0.1:8000), without /v1")
+    return url
+
+
 class MosaicConfig(ConfigModel):
     """`model.config` of a `provider: mosaic` endpoint.
+
+    `mosaic_api_base` is one serving root or an ordered list of them (regions): requests go to the first
+    healthy one and fail over to the next on refused or dropped connections, timeouts and 503s (see
+    regions.py); a region that failed is skipped for `region_cooldown_s` (or the Retry-After of its 503).
 
     Timeouts are in seconds. `max_concurrent_requests` is enforced per gateway worker process
     (an in-flight count dies with its process); `tokens_per_minute` lives in `limits_storage_uri`,
@@ -56,13 +69,14 @@ class MosaicConfig(ConfigModel):
     # Inputs stay out of validation messages: the key reference sits next to every other field.
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    mosaic_api_base: str = "http://127.0.0.1:8000"
+    mosaic_api_base: str | list[str] = "http://127.0.0.1:8000"
     mosaic_api_key: SecretStr | None = None
     connect_timeout_s: float = Field(5.0, gt=0)
     request_timeout_s: float = Field(300.0, gt=0)
     stream_idle_timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0)
     retry_budget_s: float = Field(10.0, ge=0)
+    region_cooldown_s: float = Field(10.0, gt=0)
     max_concurrent_requests: int | None = Field(None, ge=1)
     tokens_per_minute: int | None = Field(None, ge=1)
     limits_storage_uri: str = "memory://"
@@ -78,15 +92,22 @@ class MosaicConfig(ConfigModel):
                 f"Invalid config for the mosaic provider: {e}"
             ) from None
 
+    @property
+    def api_bases(self) -> list[str]:
+        """The serving roots in failover order."""
+        return [self.mosaic_api_base] if isinstance(self.mosaic_api_base, str) else list(self.mosaic_api_base)
+
     @field_validator("mosaic_api_base")
     @classmethod
-    def _check_api_base(cls, value: str) -> str:
-        value = value.rstrip("/")
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("mosaic_api_base must be an http:// or https:// URL")
-        if value.endswith("/v1"):
-            raise ValueError("mosaic_api_base is the serving root (e.g. http://127.0.0.1:8000), without /v1")
-        return value
+    def _check_api_base(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            return _serving_root(value)
+        if not value:
+            raise ValueError("mosaic_api_base: give one URL or a non-empty list of URLs (regions)")
+        roots = [_serving_root(url) for url in value]
+        if len(set(roots)) != len(roots):
+            raise ValueError("mosaic_api_base: a region is listed twice")
+        return roots
 
     @field_validator("mosaic_api_key", mode="before")
     @classmethod

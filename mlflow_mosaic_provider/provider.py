@@ -20,6 +20,7 @@ from starlette.responses import StreamingResponse
 from mlflow_mosaic_provider.client import MosaicClient, gateway_error
 from mlflow_mosaic_provider.config import MosaicConfig
 from mlflow_mosaic_provider.limits import endpoint_limits
+from mlflow_mosaic_provider.metrics import start_exporter_once
 
 _logger = logging.getLogger(__name__)
 
@@ -185,13 +186,14 @@ class MosaicProvider(BaseProvider):
                 f"the mosaic provider needs a MosaicConfig, got {type(config.model.config).__name__}"
             )
         self.mosaic_config: MosaicConfig = config.model.config
-        self._client = MosaicClient(self.mosaic_config)
+        self._client = MosaicClient(self.mosaic_config, config.name)
         self._limits = endpoint_limits(config.name, self.mosaic_config)
+        start_exporter_once()
 
     def get_endpoint_url(self, route_type: str) -> str:
         if route_type not in self._PATHS:
             raise ValueError(f"Invalid route type {route_type}")
-        return self.mosaic_config.mosaic_api_base + self._PATHS[route_type]
+        return self.mosaic_config.api_bases[0] + self._PATHS[route_type]
 
     # -- non-streaming -------------------------------------------------------------------------
 
