@@ -5,6 +5,7 @@
     mosaic-serve keys add NAME --api-keys-file F [--requests-per-minute N] [--tokens-per-minute N]
     mosaic-serve keys revoke NAME --api-keys-file F
     mosaic-serve keys list --api-keys-file F
+    mosaic-serve plan --model DIR_OR_CONFIG [--tensor-parallel-size T] [--gpus N] [...]   # capacity plan
     mosaic-serve dev        # what `make serve` runs: a dev key under .dev/, the default models on 127.0.0.1:8000
 
 Without `--address` (or RAY_ADDRESS) a local Ray instance is started; with it the application is deployed
@@ -304,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
         return keys_main(argv[1:])
     if argv and argv[0] == "dev":
         return dev_main(argv[1:])
+    if argv and argv[0] == "plan":
+        from serving.plan_cli import plan_main
+
+        return plan_main(argv[1:])
     return serve_main(argv)
 
 
