@@ -12,7 +12,8 @@ class CompletionOutput:
     finish_reason: str | None       # "stop" | "length" | None while running (or aborted)
     delta_text: str = ""            # new since the previous output for this request
     delta_token_ids: list[int] = field(default_factory=list)
-    # Per generated token: {token id: log-probability} with the chosen token and the top `logprobs` ones.
+    # Per generated token: {token id: log-probability} with the chosen token and the top `logprobs` ones, of
+    # the raw model distribution (before temperature, penalties, logit_bias and grammar masks).
     logprobs: list[dict[int, float]] | None = None
 
     @property
@@ -36,3 +37,6 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int          # prompt tokens served from the prefix cache
     metrics: RequestMetrics
+    # With SamplingParams.prompt_logprobs: per prompt token {token id: log-probability}, None for the first
+    # (filled as the prefill advances; complete once the first token is sampled).
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -114,7 +114,8 @@ class BlockManager:
         seq.num_registered_blocks = num_full
 
     def _lookup(self, seq: Sequence) -> list[int]:
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
+            # Scoring the prompt needs every prompt token's hidden state: a cached block has none.
             return []
         # The last token is always computed: its logits give the next token.
         num_candidates = (seq.num_tokens - 1) // self.block_size

@@ -5,6 +5,7 @@ only reads the engine, so a caller can validate on its own thread and hand the r
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -17,9 +18,11 @@ from serving.config import EngineConfig
 from serving.engine.block_manager import BlockManager
 from serving.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from serving.engine.errors import RequestTooLargeError
+from serving.engine.guided import GrammarCompiler, new_matcher
+from serving.engine.model_runner import StepPlan
 from serving.engine.scheduler import Scheduler
 from serving.engine.sequence import Request, Sequence
-from serving.layers.sampler import SamplerOutput
+from serving.layers.sampler import Logprobs
 from serving.models.loader import load_config
 from serving.models.tiny import resolve_model
 from serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -67,6 +70,7 @@ class LLMEngine:
             eos = self.tokenizer.eos_token_id
         self.eos_token_ids: frozenset[int] = frozenset(
             eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self._requests: dict[str, Request] = {}
         self.num_steps = 0
 
@@ -126,11 +130,21 @@ class LLMEngine:
                 f"whole pool has {self.block_manager.num_blocks} blocks of {self.config.block_size} tokens: "
                 "lower max_tokens or the prompt, or give the engine more num_kv_blocks"
             )
+        bad = next((t for t in [*(params.logit_bias or ()), *params.stop_token_ids] if t >= self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"invalid token id {bad} in logit_bias or stop_token_ids: the vocabulary is "
+                             f"[0, {self.vocab_size})")
+        guide = params.guided_decoding
+        compiled = self.grammars.compile(guide) if guide is not None else None
         request = Request(request_id=request_id, prompt=text, prompt_token_ids=token_ids, params=params,
                           stream=stream)
+        if params.min_tokens:
+            eos = [] if params.ignore_eos else sorted(self.eos_token_ids)
+            request.min_tokens_banned = sorted({*eos, *params.stop_token_ids})
         for index in range(params.n):
             detokenizer = IncrementalDetokenizer(self._backend_tokenizer, token_ids, params.stop)
-            request.seqs.append(Sequence(request, index, detokenizer))
+            grammar = new_matcher(compiled) if compiled is not None else None
+            request.seqs.append(Sequence(request, index, detokenizer, grammar))
         return request
 
     def add(self, request: Request) -> None:
@@ -168,8 +182,9 @@ class LLMEngine:
                 # Cannot happen while requests are size-checked; failing beats spinning forever.
                 raise RuntimeError("no waiting request fits the KV-cache pool although nothing is running")
             return []
-        inputs, sampled = self.model_runner.prepare(batch)
-        result = self.model_runner.run(inputs)
+        inputs, plan = self.model_runner.prepare(batch)
+        result = self.model_runner.run(inputs).cpu()
+        sampled = plan.sampled
         token_ids: list[int] = result.token_ids.tolist()
         self.num_steps += 1
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
@@ -177,14 +192,16 @@ class LLMEngine:
             self.block_manager.register(seq)
         now = time.time()
         advanced: dict[str, Request] = {}
+        if result.prompt_logprobs is not None:
+            self._record_prompt_logprobs(plan, result.prompt_logprobs, inputs.prompt_target_ids.tolist())
+        if sampled and result.logprobs is not None:
+            self._record_logprobs(sampled, result.logprobs, token_ids)
         for seq, token_id in zip(sampled, token_ids):
             self._append_token(seq, token_id)
             request = seq.request
             if request.first_token_time is None:
                 request.first_token_time = now
             advanced[request.request_id] = request
-        if sampled and result.logprobs is not None:
-            self._record_logprobs(sampled, result)
         self.scheduler.remove_finished()
         outputs = []
         for request in advanced.values():
@@ -200,7 +217,10 @@ class LLMEngine:
         seq.token_ids.append(token_id)
         params = seq.request.params
         detokenizer = seq.detokenizer
-        if token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos):
+        # A grammar that is complete only allows its stop tokens; accepting one terminates the matcher.
+        grammar_done = seq.grammar is not None and seq.grammar.accept_token(token_id) and seq.grammar.is_terminated()
+        if (token_id in params.stop_token_ids or (token_id in self.eos_token_ids and not params.ignore_eos)
+                or grammar_done):
             # The stop token stays in token_ids (like transformers' output) but adds no text.
             detokenizer.flush()
             seq.finish("stop")
@@ -209,18 +229,18 @@ class LLMEngine:
         elif seq.num_output_tokens >= params.max_tokens:
             seq.finish("stop" if detokenizer.flush() else "length")
 
-    def _record_logprobs(self, sampled: list[Sequence], result: SamplerOutput) -> None:
-        chosen = result.logprobs.tolist()
-        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        top_lps = result.top_logprobs.tolist() if result.top_logprobs is not None else None
-        for row, seq in enumerate(sampled):
-            if seq.logprobs is None:
-                continue
-            entry = {seq.token_ids[-1]: chosen[row]}
-            k = seq.request.params.logprobs
-            if k:
-                entry.update(zip(top_ids[row][:k], top_lps[row][:k]))
-            seq.logprobs.append(entry)
+    def _record_logprobs(self, sampled: list[Sequence], logprobs: Logprobs, token_ids: list[int]) -> None:
+        entries = _entries(logprobs, token_ids, [seq.request.params.logprobs for seq in sampled])
+        for seq, entry in zip(sampled, entries):
+            if seq.logprobs is not None:
+                seq.logprobs.append(entry)
+
+    def _record_prompt_logprobs(self, plan: StepPlan, logprobs: Logprobs, token_ids: list[int]) -> None:
+        ks = [seq.request.params.prompt_logprobs for seq, count in plan.prompt_scored for _ in range(count)]
+        entries = iter(_entries(logprobs, token_ids, ks))
+        for seq, count in plan.prompt_scored:
+            scored = seq.request.prompt_logprobs
+            scored.extend(itertools.islice(entries, count))
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
         completions = []
@@ -237,6 +257,7 @@ class LLMEngine:
             request_id=request.request_id, prompt=request.prompt, prompt_token_ids=request.prompt_token_ids,
             outputs=completions, finished=finished, num_cached_tokens=request.seqs[0].num_cached_tokens or 0,
             metrics=RequestMetrics(request.arrival_time, request.first_token_time, request.finished_time),
+            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
         )
 
     def check_health(self) -> None:
@@ -255,3 +276,17 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
             num_steps=self.num_steps,
         )
+
+
+def _entries(logprobs: Logprobs, token_ids: list[int], ks: list[int | None]) -> list[dict[int, float] | None]:
+    """Per row: {token id: log-probability} of the row's token first, then its top k (None where k is)."""
+    chosen = logprobs.chosen.tolist()
+    top_ids = logprobs.top_ids.tolist() if logprobs.top_ids is not None else None
+    top_lps = logprobs.top_logprobs.tolist() if logprobs.top_logprobs is not None else None
+    entries: list[dict[int, float] | None] = []
+    for row, (token_id, k) in enumerate(zip(token_ids, ks)):
+        entry = None if k is None else {token_id: chosen[row]}
+        if k:
+            entry.update(zip(top_ids[row][:k], top_lps[row][:k]))
+        entries.append(entry)
+    return entries

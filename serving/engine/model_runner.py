@@ -2,12 +2,17 @@
 
 The work is split at a clean seam for tensor parallelism: `prepare` (driver only) turns the scheduler's
 batch into `StepInputs`, plain host tensors and ints; `run` moves them to the device in one transfer per
-dtype, sets the attention context, runs the model and samples. A tensor-parallel driver broadcasts the
+dtype, sets the attention context, runs the model and samples.
+
+Prompt log-probabilities: a prompt chunk of a sequence that asks for them also has its tokens' logits
+computed (the hidden state at position p scores token p + 1), `_PROMPT_LOGITS_ROWS` rows at a time, so a
+long chunk never holds full-vocabulary logits for all of its tokens at once. A tensor-parallel driver broadcasts the
 same `StepInputs` to its workers, which each call `run`.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from dataclasses import dataclass
@@ -17,15 +22,19 @@ import torch
 import torch.distributed as dist
 
 from serving.config import EngineConfig
+from serving.engine.guided import fill_bitmask
 from serving.engine.scheduler import SchedulerOutput
 from serving.engine.sequence import Sequence
 from serving.layers.attention import Attention, select_backend
-from serving.layers.sampler import Sampler, SamplerOutput, SamplingTensors
+from serving.layers.sampler import Logprobs, Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 from serving.models.loader import load_model, resolve_dtype
 from serving.parallel.state import get_cpu_group, get_tp_world_size
 from serving.utils.context import AttentionContext, reset_context, set_context
 
 logger = logging.getLogger(__name__)
+
+# Prompt tokens whose full-vocabulary logits exist at one time (256 x 32k float32 = 32 MiB).
+_PROMPT_LOGITS_ROWS = 256
 
 
 @dataclass
@@ -42,6 +51,25 @@ class StepInputs:
     num_prefill_seqs: int
     num_prefill_tokens: int
     sampling: SamplingTensors
+    prompt_logits_indices: torch.Tensor | None = None   # [P] int64 tokens whose logits score the next one
+    prompt_target_ids: torch.Tensor | None = None       # [P] int64 the prompt tokens they score
+    num_prompt_logprobs: int = 0                        # top logprobs per prompt token
+
+
+@dataclass
+class StepPlan:
+    """What the engine needs to read a step's output back."""
+
+    sampled: list[Sequence]                             # the sequences that sample, in output row order
+    # Sequences scoring prompt tokens this step, with how many rows of prompt logprobs each, in row order.
+    prompt_scored: list[tuple[Sequence, int]]
+
+
+def _flatten(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row of each token, token ids) over the rows' token lists, concatenated."""
+    lengths = torch.tensor([len(ids) for ids in token_lists], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
+    return rows, torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -109,16 +137,28 @@ class ModelRunner:
         useful = self.config.max_num_seqs * -(-max_model_len // self.block_size)
         return max(1, min(budget, useful))
 
-    def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, list[Sequence]]:
-        """Host-side inputs for one step, and the sequences that sample a token (in output row order)."""
+    def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, StepPlan]:
+        """Host-side inputs for one step, and which sequences its outputs belong to."""
         bs = self.block_size
         input_ids: list[int] = []
         starts: list[int] = []
         tables: list[list[int]] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        prompt_rows: list[int] = []
+        prompt_targets: list[int] = []
+        prompt_scored: list[tuple[Sequence, int]] = []
         for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start = seq.num_computed_tokens
+            if seq.needs_prompt_logprobs:
+                # Positions p in this chunk whose logits score prompt token p + 1, not scored before.
+                first = max(start, len(seq.request.prompt_logprobs) - 1)
+                last = min(start + num_new, seq.num_prompt_tokens - 1)
+                if last > first:
+                    offset = len(input_ids) - start
+                    prompt_rows.extend(range(offset + first, offset + last))
+                    prompt_targets.extend(seq.token_ids[first + 1:last + 1])
+                    prompt_scored.append((seq, last - first))
             input_ids.extend(seq.token_ids[start:start + num_new])
             starts.append(start)
             tables.append(seq.block_table)
@@ -157,15 +197,19 @@ class ModelRunner:
             num_prefill_tokens=sum(batch.num_new_tokens[:batch.num_prefill_seqs]),
             sampling=self._sampling_tensors(sampled),
         )
-        return inputs, sampled
+        if prompt_scored:
+            inputs.prompt_logits_indices = torch.tensor(prompt_rows, dtype=torch.int64)
+            inputs.prompt_target_ids = torch.tensor(prompt_targets, dtype=torch.int64)
+            inputs.num_prompt_logprobs = max(seq.request.params.prompt_logprobs for seq, _ in prompt_scored)
+        return inputs, StepPlan(sampled, prompt_scored)
 
     def _sampling_tensors(self, seqs: list[Sequence]) -> SamplingTensors:
         params = [seq.request.params for seq in seqs]
         asked = [p.logprobs for p in params if p.logprobs is not None]
-        num_logprobs = max(asked) if asked else None
+        processing = self._processing_tensors(seqs)
         rows = [i for i, p in enumerate(params) if not p.greedy]
         if not rows:
-            return SamplingTensors(num_logprobs=num_logprobs)
+            return SamplingTensors(num_logprobs=max(asked, default=None), **processing)
         chosen = [params[i] for i in rows]
         seeded = [j for j, i in enumerate(rows) if seqs[i].seed is not None]
         use_top_k = any(p.top_k > 0 for p in chosen)
@@ -181,8 +225,43 @@ class ModelRunner:
             steps=torch.tensor([seqs[rows[j]].num_output_tokens for j in seeded], dtype=torch.int64)
             if seeded else None,
             all_sampled=len(rows) == len(seqs),
-            num_logprobs=num_logprobs,
+            num_logprobs=max(asked, default=None),
+            **processing,
         )
+
+    def _processing_tensors(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+        """SamplingTensors fields for grammar masks, logit_bias, min_tokens and penalties (only those used)."""
+        out: dict[str, torch.Tensor] = {}
+        guided = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
+        if guided:
+            out["mask_rows"] = torch.tensor(guided, dtype=torch.int64)
+            out["token_bitmask"] = fill_bitmask([seqs[i].grammar for i in guided], self.vocab_size)
+        bias: list[tuple[int, int, float]] = []
+        for i, seq in enumerate(seqs):
+            params = seq.request.params
+            if params.logit_bias:
+                bias.extend((i, token, value) for token, value in params.logit_bias.items())
+            if seq.num_output_tokens < params.min_tokens:
+                bias.extend((i, token, float("-inf")) for token in seq.request.min_tokens_banned)
+        if bias:
+            rows, ids, values = zip(*bias)
+            out["bias_rows"] = torch.tensor(rows, dtype=torch.int64)
+            out["bias_ids"] = torch.tensor(ids, dtype=torch.int64)
+            out["bias_values"] = torch.tensor(values, dtype=torch.float32)
+        penalized = [seq for seq in seqs if seq.request.params.penalized]
+        if not penalized:
+            return out
+        params = [seq.request.params for seq in penalized]
+        out["penalty_rows"] = torch.tensor([i for i, seq in enumerate(seqs) if seq.request.params.penalized],
+                                           dtype=torch.int64)
+        if any(p.presence_penalty or p.frequency_penalty for p in params):
+            out["presence"] = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
+            out["frequency"] = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
+            out["output_rows"], out["output_ids"] = _flatten([seq.output_token_ids for seq in penalized])
+        if any(p.repetition_penalty != 1.0 for p in params):
+            out["repetition"] = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
+            out["seen_rows"], out["seen_ids"] = _flatten([seq.token_ids for seq in penalized])
+        return out
 
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> SamplerOutput:
@@ -199,9 +278,27 @@ class ModelRunner:
             hidden = self.model(inputs.input_ids, inputs.positions)
         finally:
             reset_context()
+        prompt_logprobs = None
+        if inputs.prompt_logits_indices is not None:
+            prompt_logprobs = self._prompt_logprobs(hidden, inputs)
         if inputs.logits_indices is not None:
             hidden = hidden.index_select(0, inputs.logits_indices)
-        return self.sampler(self.model.compute_logits(hidden), inputs.sampling)
+        out = self.sampler(self.model.compute_logits(hidden), inputs.sampling)
+        out.prompt_logprobs = prompt_logprobs
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, inputs: StepInputs) -> Logprobs:
+        """Log-probabilities of the prompt tokens this step scores, `_PROMPT_LOGITS_ROWS` rows at a time."""
+        parts = [
+            gather_logprobs(self.model.compute_logits(hidden.index_select(0, rows)).log_softmax(dim=-1), targets,
+                            inputs.num_prompt_logprobs)
+            for rows, targets in zip(inputs.prompt_logits_indices.split(_PROMPT_LOGITS_ROWS),
+                                     inputs.prompt_target_ids.split(_PROMPT_LOGITS_ROWS))
+        ]
+        k = inputs.num_prompt_logprobs
+        return Logprobs(chosen=torch.cat([p.chosen for p in parts]),
+                        top_ids=torch.cat([p.top_ids for p in parts]) if k else None,
+                        top_logprobs=torch.cat([p.top_logprobs for p in parts]) if k else None)
 
     def _to_device(self, inputs: StepInputs) -> StepInputs:
         """Copy every host tensor of the step with one transfer per dtype (pinned, asynchronous)."""

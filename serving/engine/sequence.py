@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from serving.engine.detokenizer import IncrementalDetokenizer
 from serving.sampling_params import SamplingParams
@@ -30,6 +31,7 @@ class Sequence:
         "block_table",
         "detokenizer",
         "finish_reason",
+        "grammar",
         "index",
         "logprobs",
         "num_cached_tokens",
@@ -43,7 +45,7 @@ class Sequence:
         "token_ids",
     )
 
-    def __init__(self, request: Request, index: int, detokenizer: IncrementalDetokenizer):
+    def __init__(self, request: Request, index: int, detokenizer: IncrementalDetokenizer, grammar: Any = None):
         self.request = request
         self.index = index
         self.token_ids: list[int] = list(request.prompt_token_ids)
@@ -63,6 +65,8 @@ class Sequence:
         self.logprobs: list[dict[int, float]] | None = [] if request.params.logprobs is not None else None
         # Prompt tokens served from the prefix cache at first admission (None until admitted).
         self.num_cached_tokens: int | None = None
+        # The structured-output matcher (xgrammar) this sequence's tokens must satisfy, if any.
+        self.grammar = grammar
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +83,12 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The request's first sequence scores the prompt (once; the others share the result)."""
+        scored = self.request.prompt_logprobs
+        return self.index == 0 and scored is not None and len(scored) < self.num_prompt_tokens
 
     def finish(self, reason: str | None) -> None:
         self.status = SequenceStatus.FINISHED
@@ -97,6 +107,14 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     seqs: list[Sequence] = field(default_factory=list)
+    # Per prompt token: {token id: log-probability} (the token's and the top ones); None for the first.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    # Token ids banned while a sequence has fewer than min_tokens (EOS unless ignored, stop_token_ids).
+    min_tokens_banned: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     @property
     def finished(self) -> bool:

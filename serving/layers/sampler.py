@@ -5,6 +5,14 @@ top-k / top-p set, and sampled with the Gumbel-max trick: argmax(logits + Gumbel
 softmax(logits). Rows with a `seed` take their noise from a counter-based hash of (seed, step, token id)
 computed with integer tensor ops, so a seeded request draws the same tokens whatever else shares the batch
 and no per-row torch.Generator is needed; other rows use the engine's generator.
+
+Before that, the logits of rows that ask for it are processed, each kind in one batched op over the rows
+that use it: a grammar's allowed-token bitmask, sparse additions (logit_bias, and -inf for EOS under
+min_tokens), the repetition penalty over prompt and output tokens, and the frequency/presence penalties over
+output-token counts built with one scatter-add. Greedy rows take the argmax of the processed logits.
+
+Log-probabilities are of the raw model distribution (log_softmax of the unprocessed logits, vLLM's default
+`raw_logprobs`), computed once for the step's rows: the chosen token's plus the top-k.
 """
 from __future__ import annotations
 
@@ -35,14 +43,60 @@ class SamplingTensors:
     steps: torch.Tensor | None = None           # [S] int64: tokens the sequence generated before this one
     all_sampled: bool = False                   # no greedy row at all
     num_logprobs: int | None = None             # top logprobs to return; None: no row asked for logprobs
+    # Processing (rows index the logits; None: no row uses it).
+    mask_rows: torch.Tensor | None = None       # [G] int64 rows under a grammar
+    token_bitmask: torch.Tensor | None = None   # [G, ceil(V / 32)] int32: bit j of word w allows token 32w + j
+    bias_rows: torch.Tensor | None = None       # [B] int64 (logit_bias entries and min_tokens bans)
+    bias_ids: torch.Tensor | None = None        # [B] int64
+    bias_values: torch.Tensor | None = None     # [B] float32 (-inf bans)
+    penalty_rows: torch.Tensor | None = None    # [P] int64 rows with a penalty
+    presence: torch.Tensor | None = None        # [P] float32
+    frequency: torch.Tensor | None = None       # [P] float32
+    output_rows: torch.Tensor | None = None     # [M] int64 indices into the P rows: one per generated token
+    output_ids: torch.Tensor | None = None      # [M] int64
+    repetition: torch.Tensor | None = None      # [P] float32; None: no row uses it
+    seen_rows: torch.Tensor | None = None       # [K] int64 indices into the P rows: prompt and generated tokens
+    seen_ids: torch.Tensor | None = None        # [K] int64
+
+    @property
+    def processes(self) -> bool:
+        return self.mask_rows is not None or self.bias_rows is not None or self.penalty_rows is not None
+
+
+@dataclass
+class Logprobs:
+    chosen: torch.Tensor                        # [N] float32: log-probability of the given token
+    top_ids: torch.Tensor | None = None         # [N, k] int64
+    top_logprobs: torch.Tensor | None = None    # [N, k] float32
+
+    def cpu(self) -> Logprobs:
+        return Logprobs(*(None if t is None else t.to("cpu", non_blocking=True)
+                          for t in (self.chosen, self.top_ids, self.top_logprobs)))
 
 
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor                     # [N] int64
-    logprobs: torch.Tensor | None = None        # [N] float32: log-probability of the chosen token
-    top_ids: torch.Tensor | None = None         # [N, num_logprobs] int64
-    top_logprobs: torch.Tensor | None = None    # [N, num_logprobs] float32
+    logprobs: Logprobs | None = None            # of the sampled tokens
+    prompt_logprobs: Logprobs | None = None     # of the prompt tokens whose logits the step computed
+
+    def cpu(self) -> SamplerOutput:
+        """Host copies of everything, with a single synchronization for the whole step."""
+        if self.token_ids.device.type == "cpu":
+            return self
+        out = SamplerOutput(self.token_ids.to("cpu", non_blocking=True),
+                            self.logprobs.cpu() if self.logprobs is not None else None,
+                            self.prompt_logprobs.cpu() if self.prompt_logprobs is not None else None)
+        torch.cuda.current_stream(self.token_ids.device).synchronize()
+        return out
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int) -> Logprobs:
+    """logprobs: [N, V] log-probabilities; the given tokens' values and the top k of every row."""
+    out = Logprobs(chosen=logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1))
+    if k > 0:
+        out.top_logprobs, out.top_ids = logprobs.topk(k, dim=-1)
+    return out
 
 
 class Sampler:
@@ -51,7 +105,10 @@ class Sampler:
         self._token_keys: torch.Tensor | None = None
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
-        """logits: [N, V] float32 (raw model output)."""
+        """logits: [N, V] float32 (raw model output; not modified)."""
+        raw_logprobs = logits.log_softmax(dim=-1) if t.num_logprobs is not None else None
+        if t.processes:
+            logits = process_logits(logits.clone(), t)
         if t.sample_rows is None:
             token_ids = logits.argmax(dim=-1)
         else:
@@ -65,11 +122,8 @@ class Sampler:
             else:
                 token_ids = logits.argmax(dim=-1).index_copy_(0, t.sample_rows, sampled)
         out = SamplerOutput(token_ids=token_ids)
-        if t.num_logprobs is not None:
-            logprobs = logits.log_softmax(dim=-1)
-            out.logprobs = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
-            if t.num_logprobs > 0:
-                out.top_logprobs, out.top_ids = logprobs.topk(t.num_logprobs, dim=-1)
+        if raw_logprobs is not None:
+            out.logprobs = gather_logprobs(raw_logprobs, token_ids, t.num_logprobs)
         return out
 
     def _gumbel(self, x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
@@ -96,6 +150,32 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     x = x ^ (x >> 15)
     x = (x * _MUL_B) & _MASK32
     return x ^ (x >> 16)
+
+
+def process_logits(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+    """Apply grammar masks, sparse biases and penalties to `x` [N, V] in place (see the module doc)."""
+    vocab_size = x.shape[1]
+    if t.mask_rows is not None:
+        shifts = torch.arange(32, dtype=torch.int32, device=x.device)
+        allowed = ((t.token_bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
+        x.index_copy_(0, t.mask_rows, x.index_select(0, t.mask_rows).masked_fill_(~allowed, float("-inf")))
+    if t.bias_rows is not None:
+        x.index_put_((t.bias_rows, t.bias_ids), t.bias_values, accumulate=True)
+    if t.penalty_rows is not None:
+        rows = x.index_select(0, t.penalty_rows)
+        if t.repetition is not None:
+            seen = torch.zeros_like(rows, dtype=torch.bool)
+            seen[t.seen_rows, t.seen_ids] = True
+            penalty = t.repetition.unsqueeze(1)
+            rows = torch.where(seen, torch.where(rows < 0, rows * penalty, rows / penalty), rows)
+        if t.presence is not None:
+            counts = torch.zeros_like(rows)
+            if t.output_ids.numel():
+                counts.view(-1).scatter_add_(0, t.output_rows * vocab_size + t.output_ids,
+                                             torch.ones_like(t.output_ids, dtype=counts.dtype))
+            rows -= t.frequency.unsqueeze(1) * counts + t.presence.unsqueeze(1) * (counts > 0)
+        x.index_copy_(0, t.penalty_rows, rows)
+    return x
 
 
 def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None,

@@ -24,9 +24,8 @@ import torch.distributed as dist
 
 from serving.config import EngineConfig
 from serving.engine.errors import EngineDeadError
-from serving.engine.model_runner import ModelRunner, StepInputs, resolve_device
+from serving.engine.model_runner import ModelRunner, StepInputs, StepPlan, resolve_device
 from serving.engine.scheduler import SchedulerOutput
-from serving.engine.sequence import Sequence
 from serving.layers.sampler import SamplerOutput
 from serving.parallel.state import destroy_tensor_parallel, get_cpu_group, init_tensor_parallel
 
@@ -192,7 +191,7 @@ class TensorParallelExecutor:
         logger.info("tensor parallel: %d ranks (%s followers)", config.tensor_parallel_size,
                     "Ray actor" if use_ray else "process")
 
-    def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, list[Sequence]]:
+    def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, StepPlan]:
         return self.runner.prepare(batch)
 
     def run(self, inputs: StepInputs) -> SamplerOutput:

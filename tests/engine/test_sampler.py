@@ -103,6 +103,39 @@ def test_logprobs_are_the_raw_log_softmax(logits):
     t = SamplingTensors(num_logprobs=3)
     out = Sampler(torch.device("cpu"), 0)(logits, t)
     expected = logits.log_softmax(-1)
-    assert torch.allclose(out.logprobs, expected.gather(1, out.token_ids[:, None]).squeeze(1))
+    assert torch.allclose(out.logprobs.chosen, expected.gather(1, out.token_ids[:, None]).squeeze(1))
     top_lp, top_ids = expected.topk(3)
-    assert torch.equal(out.top_ids, top_ids) and torch.allclose(out.top_logprobs, top_lp)
+    assert torch.equal(out.logprobs.top_ids, top_ids) and torch.allclose(out.logprobs.top_logprobs, top_lp)
+
+
+def test_processing_matches_the_formulas(logits):
+    """Rows 1 and 3 penalized (3 with repetition over tokens it saw), row 2 masked by a bitmask, row 0
+    biased; greedy picks from the processed logits, logprobs stay raw."""
+    out_tokens = {1: [4, 4, 7], 3: [9]}
+    seen = {1: [], 3: [9, 11, 11]}
+    bitmask = torch.zeros(1, 2, dtype=torch.int32)
+    bitmask[0, 0] = (1 << 3) | (1 << 30)                 # only tokens 3 and 30 allowed
+    t = SamplingTensors(
+        num_logprobs=0,
+        mask_rows=torch.tensor([2]), token_bitmask=bitmask,
+        bias_rows=torch.tensor([0, 0]), bias_ids=torch.tensor([5, 6]), bias_values=torch.tensor([50.0, -float("inf")]),
+        penalty_rows=torch.tensor([1, 3]), presence=torch.tensor([0.5, 0.0]), frequency=torch.tensor([1.5, 0.0]),
+        output_rows=torch.tensor([0, 0, 0, 1]), output_ids=torch.tensor(out_tokens[1] + out_tokens[3]),
+        repetition=torch.tensor([1.0, 1.7]), seen_rows=torch.tensor([1, 1, 1]), seen_ids=torch.tensor(seen[3]),
+    )
+    out = Sampler(torch.device("cpu"), 0)(logits, t)
+    expected = logits.clone()
+    expected[0, 5] += 50.0
+    expected[0, 6] = -float("inf")
+    for token in set(out_tokens[1]):
+        count = out_tokens[1].count(token)
+        expected[1, token] -= 1.5 * count + 0.5
+    for token in set(seen[3]):
+        value = expected[3, token]
+        expected[3, token] = value * 1.7 if value < 0 else value / 1.7
+    allowed = torch.full((V,), -float("inf"))
+    allowed[[3, 30]] = 0.0
+    expected[2] = expected[2] + allowed
+    assert torch.equal(out.token_ids, expected.argmax(-1))
+    assert out.token_ids[2].item() in (3, 30) and out.token_ids[0].item() == 5
+    assert torch.allclose(out.logprobs.chosen, logits.log_softmax(-1).gather(1, out.token_ids[:, None]).squeeze(1))
