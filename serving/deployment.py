@@ -25,6 +25,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +220,7 @@ class LLMServer:
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: dict[str, Any]) -> AsyncIterator[list[Delta]]:
-        """Stream [(index, new text, tokens so far, finish reason)] for one request (see `_coalesced`).
+        """Stream lists of `Delta` (new text, tokens, logprobs per completion) for one request (see `_coalesced`).
 
         When the consumer goes away (client disconnect, cancelled handle call) the generator is closed,
         which closes the engine's stream and aborts the request: its KV blocks are freed.
@@ -282,26 +283,34 @@ class LLMServer:
 
 async def _coalesced(outputs: AsyncIterator[RequestOutput],
                      interval_s: Callable[[], float]) -> AsyncIterator[list[Delta]]:
-    """The engine's outputs for one request as [(index, new text, tokens so far, finish reason)], at most one
-    item per `interval_s()` seconds, each carrying everything generated since the previous one.
+    """The engine's outputs for one request as `Delta`s, at most one item per `interval_s()` seconds, each
+    carrying everything generated since the previous one.
 
     The first token leaves at once, so time to first token is untouched; later tokens that arrive within
     the interval leave together in the next item.
     """
-    pending: dict[int, list] = {}  # index -> [new text, tokens so far, finish reason]
+    pending: dict[int, _Pending] = {}
+    num_logprobs_sent: dict[int, int] = {}
+    prompt_sent = False
     ready, done = asyncio.Event(), asyncio.Event()
     failure: list[BaseException] = []
 
     async def pump() -> None:
+        nonlocal prompt_sent
         try:
             async for out in outputs:
                 for o in out.outputs:
-                    entry = pending.get(o.index)
-                    if entry is None:
-                        pending[o.index] = [o.delta_text, len(o.token_ids), o.finish_reason]
-                    else:
-                        entry[0] += o.delta_text
-                        entry[1], entry[2] = len(o.token_ids), o.finish_reason
+                    entry = pending.setdefault(o.index, _Pending())
+                    entry.text += o.delta_text
+                    entry.num_tokens, entry.finish_reason = len(o.token_ids), o.finish_reason
+                    if o.logprobs is not None:
+                        sent = num_logprobs_sent.get(o.index, 0)
+                        entry.token_ids.extend(o.token_ids[sent:])
+                        entry.logprobs.extend(o.logprobs[sent:])
+                        num_logprobs_sent[o.index] = len(o.logprobs)
+                    # Complete once the first token is sampled (the prefill is over).
+                    if o.index == 0 and out.prompt_logprobs is not None and not prompt_sent and o.token_ids:
+                        entry.prompt_logprobs, prompt_sent = out.prompt_logprobs, True
                 ready.set()
         except Exception as exc:  # noqa: BLE001 (handed to the consumer, which raises it)
             failure.append(exc)
@@ -320,7 +329,7 @@ async def _coalesced(outputs: AsyncIterator[RequestOutput],
                     await asyncio.wait_for(done.wait(), wait)
             ready.clear()
             if pending:
-                batch = [(index, *entry) for index, entry in pending.items()]
+                batch = [entry.delta(index) for index, entry in pending.items()]
                 pending.clear()
                 last_sent = time.monotonic()
                 yield batch
@@ -332,6 +341,24 @@ async def _coalesced(outputs: AsyncIterator[RequestOutput],
         # Cancelling the pump closes the engine stream, which aborts the request if it is still running.
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+@dataclass
+class _Pending:
+    """What one completion generated since its last item."""
+
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+    def delta(self, index: int) -> Delta:
+        has_logprobs = bool(self.logprobs)
+        return Delta(index, self.text, self.num_tokens, self.finish_reason,
+                     self.token_ids if has_logprobs else None, self.logprobs if has_logprobs else None,
+                     self.prompt_logprobs)
 
 
 class EmbeddingServer:

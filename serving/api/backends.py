@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from ray.exceptions import RayActorError, RayError
@@ -30,8 +30,18 @@ logger = logging.getLogger(__name__)
 
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
-# One increment of one completion: (index within n, new text, tokens generated so far, finish reason).
-Delta = tuple[int, str, int, str | None]
+class Delta(NamedTuple):
+    """One increment of one completion (crosses Ray from an LLM replica to the ingress)."""
+
+    index: int                                      # within the request's n completions
+    text: str                                       # new text
+    num_tokens: int                                 # tokens generated so far
+    finish_reason: str | None
+    # With logprobs: the new tokens and their {token id: log-probability} entries (see CompletionOutput).
+    token_ids: list[int] | None = None
+    logprobs: list[dict[int, float]] | None = None
+    # With prompt_logprobs: the prompt's entries (None for the first token), once, in completion 0's first.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass

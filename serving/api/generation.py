@@ -68,6 +68,9 @@ class Choice:
     text: list[str] = field(default_factory=list)
     num_tokens: int = 0
     finish_reason: str | None = None
+    # With logprobs: every generated token and its {token id: log-probability} entry.
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -78,6 +81,10 @@ class Event:
     text: str
     num_new_tokens: int
     finish_reason: str | None
+    prompt_index: int = 0
+    # With logprobs: the new tokens and their entries.
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
 class GenerationJob:
@@ -87,21 +94,24 @@ class GenerationJob:
 
         An explicit `max_tokens` must fit next to every prompt (400 naming both counts otherwise); without
         one, each prompt gets `default_max_tokens` or what is left of the window, whichever is smaller.
+        `max_tokens=0` scores the prompts only: the engine samples one token (the prefill's), which is
+        dropped from text, logprobs and usage.
         """
         self.llm, self.metrics, self.key = llm, metrics, key
         self.prompts = prompts
         self.n = n
         self.sampling = sampling
+        self.score_only = max_tokens == 0
         window = llm.info.max_model_len
         self.max_tokens: list[int] = []
         for i, ids in enumerate(prompts):
             which = f"prompt {i} has" if len(prompts) > 1 else "prompt has"
             if max_tokens is not None:
-                if len(ids) + max_tokens > window:
+                if len(ids) + max(max_tokens, 1) > window:
                     raise APIError(400, f"{which} {len(ids)} tokens and max_tokens is {max_tokens}: "
                                    f"{len(ids) + max_tokens} exceeds the context window of {window} tokens",
                                    "context_length_exceeded")
-                self.max_tokens.append(max_tokens)
+                self.max_tokens.append(max(max_tokens, 1))
             elif len(ids) >= window:
                 raise APIError(400, f"{which} {len(ids)} tokens, which leaves no room to generate in the context "
                                f"window of {window} tokens", "context_length_exceeded")
@@ -109,11 +119,13 @@ class GenerationJob:
                 self.max_tokens.append(min(default_max_tokens, window - len(ids)))
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.choices = [Choice() for _ in range(len(prompts) * n)]
+        # Per prompt, with prompt_logprobs: its tokens' entries (None for the first), once the prefill is over.
+        self.prompt_logprobs: list[list[dict[int, float] | None] | None] = [None] * len(prompts)
         self.request_id = uuid.uuid4().hex
 
     async def admit(self, limiter: RateLimiter) -> None:
         """Charge the key for the prompt and the most this job can generate (429 when over its limits)."""
-        budget = self.prompt_tokens + self.n * sum(self.max_tokens)
+        budget = self.prompt_tokens + (0 if self.score_only else self.n * sum(self.max_tokens))
         await limiter.acquire(self.key, budget)
         self.metrics.prompt_tokens.labels(self.llm.info.name, self.key.name).inc(self.prompt_tokens)
 
@@ -132,12 +144,19 @@ class GenerationJob:
         ]
         async for prompt_index, deltas in _merge(streams):
             now = time.perf_counter()
-            for sample, text, num_tokens, finish_reason in deltas:
-                choice = self.choices[prompt_index * self.n + sample]
-                new = num_tokens - choice.num_tokens
-                choice.num_tokens = num_tokens
-                choice.finish_reason = finish_reason
-                choice.text.append(text)
+            for delta in deltas:
+                if delta.prompt_logprobs is not None:
+                    self.prompt_logprobs[prompt_index] = delta.prompt_logprobs
+                if self.score_only:
+                    delta = delta._replace(text="", num_tokens=0, token_ids=None, logprobs=None)
+                choice = self.choices[prompt_index * self.n + delta.index]
+                new = delta.num_tokens - choice.num_tokens
+                choice.num_tokens = delta.num_tokens
+                choice.finish_reason = delta.finish_reason
+                choice.text.append(delta.text)
+                if delta.logprobs:
+                    choice.token_ids.extend(delta.token_ids)
+                    choice.logprobs.extend(delta.logprobs)
                 if new > 0:
                     if last_token_at is None:
                         self.metrics.ttft.labels(name).observe(now - start)
@@ -147,7 +166,8 @@ class GenerationJob:
                             self.metrics.itl.labels(name).observe(gap)
                     last_token_at = now
                     self.metrics.generation_tokens.labels(name, self.key.name).inc(new)
-                yield Event(prompt_index * self.n + sample, text, new, finish_reason)
+                yield Event(prompt_index * self.n + delta.index, delta.text, new, delta.finish_reason, prompt_index,
+                            delta.token_ids or [], delta.logprobs or [])
 
     async def run(self) -> None:
         """Generate to the end without streaming (the texts accumulate in `choices`)."""

@@ -1,20 +1,23 @@
 """OpenAI-compatible endpoints: models, completions, chat completions, embeddings (and tokenize)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from transformers import PreTrainedTokenizerBase
 
 from serving.api.backends import EmbeddingBackend
 from serving.api.context import ApiContext
 from serving.api.errors import APIError, bad_request
 from serving.api.generation import Event, GenerationJob, encode_chat, encode_text, primed
+from serving.api.logprobs import chat_logprobs, completion_logprobs
 from serving.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -23,8 +26,10 @@ from serving.api.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     EmbeddingData,
     EmbeddingRequest,
@@ -40,6 +45,10 @@ from serving.api.protocol import (
 from serving.embeddings import check_inputs
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Formatting logprobs of more tokens than this runs off the event loop.
+_INLINE_LOGPROB_TOKENS = 256
 
 
 def sse_response(payloads: AsyncIterator[str]) -> StreamingResponse:
@@ -94,16 +103,39 @@ def build_router(ctx: ApiContext) -> APIRouter:
     @router.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Completion | StreamingResponse:
         llm = ctx.llm_for(body.model)
-        job = GenerationJob(llm, ctx.metrics, request.state.key, await _prompt_ids(ctx, body), body.max_tokens,
-                            ctx.settings.default_max_tokens, body.sampling_kwargs(), body.n)
+        check_supported(body)
+        prompts = await _prompt_ids(ctx, body)
+        sampling = {**body.sampling_kwargs(), "logprobs": body.logprobs, "guided_decoding": body.guided_decoding()}
+        if body.echo and body.logprobs is not None:
+            sampling["prompt_logprobs"] = body.logprobs
+        job = GenerationJob(llm, ctx.metrics, request.state.key, prompts, body.max_tokens,
+                            ctx.settings.default_max_tokens, sampling, body.n)
         await job.admit(ctx.limiter)
+        tokenizer = llm.info.tokenizer
+        echoed = _prompt_texts(body, prompts, tokenizer) if body.echo else None
         rid, created = new_id("cmpl"), now()
+
+        async def logprobs_of(index: int, token_ids: list[int], entries: list, first: bool,
+                              offset: int) -> CompletionLogprobs | None:
+            """Logprobs of a choice's new tokens; with echo, the prompt's come first (in its first chunk)."""
+            if body.logprobs is None:
+                return None
+            prompt = prompts[index // body.n]
+            if body.echo and first:
+                return await off_loop(completion_logprobs, tokenizer, [], prompt + token_ids,
+                                      job.prompt_logprobs[index // body.n] + entries, 0)
+            history = prompt + job.choices[index].token_ids[:len(job.choices[index].token_ids) - len(token_ids)]
+            return await off_loop(completion_logprobs, tokenizer, history, token_ids, entries, offset)
+
         if not body.stream:
             await job.run()
             log_done(request, job)
-            return Completion(id=rid, created=created, model=llm.info.name, usage=usage_of(job), choices=[
-                CompletionChoice(index=i, text="".join(c.text), finish_reason=c.finish_reason)
-                for i, c in enumerate(job.choices)])
+            choices = []
+            for i, c in enumerate(job.choices):
+                prefix = echoed[i // body.n] if echoed else ""
+                choices.append(CompletionChoice(index=i, text=prefix + "".join(c.text), finish_reason=c.finish_reason,
+                                                logprobs=await logprobs_of(i, c.token_ids, c.logprobs, True, 0)))
+            return Completion(id=rid, created=created, model=llm.info.name, usage=usage_of(job), choices=choices)
         events = await primed(job.events())
 
         def chunk(choices: list[CompletionChoice], usage: Usage | None = None) -> str:
@@ -111,10 +143,16 @@ def build_router(ctx: ApiContext) -> APIRouter:
                               usage=usage).model_dump_json()
 
         async def payloads() -> AsyncIterator[str]:
+            offsets: dict[int, int] = {}
             async for ev in events:
-                if ev.text or ev.finish_reason:
-                    yield chunk([CompletionChoice(index=ev.index, text=ev.text, finish_reason=ev.finish_reason)],
-                                usage_of(job) if body.continuous_usage else None)
+                first = ev.index not in offsets
+                if not (ev.text or ev.finish_reason or ev.token_ids or (first and echoed)):
+                    continue
+                text = (echoed[ev.prompt_index] if echoed and first else "") + ev.text
+                logprobs = await logprobs_of(ev.index, ev.token_ids, ev.logprobs, first, offsets.get(ev.index, 0))
+                offsets[ev.index] = offsets.get(ev.index, 0) + (sum(map(len, logprobs.tokens)) if logprobs else 0)
+                yield chunk([CompletionChoice(index=ev.index, text=text, finish_reason=ev.finish_reason,
+                                              logprobs=logprobs)], usage_of(job) if body.continuous_usage else None)
             log_done(request, job)
             if body.include_usage:
                 yield chunk([], usage_of(job))
@@ -124,27 +162,41 @@ def build_router(ctx: ApiContext) -> APIRouter:
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> ChatCompletion | StreamingResponse:
         llm = ctx.llm_for(body.model)
+        check_supported(body)
         prompt = await encode_chat(llm.info.tokenizer, body.messages)
+        sampling = {**body.sampling_kwargs(), "logprobs": (body.top_logprobs or 0) if body.logprobs else None,
+                    "guided_decoding": body.guided_decoding()}
         job = GenerationJob(llm, ctx.metrics, request.state.key, [prompt], body.requested_max_tokens,
-                            ctx.settings.default_max_tokens, body.sampling_kwargs(), body.n)
+                            ctx.settings.default_max_tokens, sampling, body.n)
         await job.admit(ctx.limiter)
         rid, created = new_id("chatcmpl"), now()
+
+        async def logprobs_of(index: int, token_ids: list[int], entries: list) -> ChatLogprobs | None:
+            if not body.logprobs:
+                return None
+            done = job.choices[index].token_ids
+            history = prompt + done[:len(done) - len(token_ids)]
+            return ChatLogprobs(content=await off_loop(chat_logprobs, llm.info.tokenizer, history, token_ids,
+                                                       entries, body.top_logprobs or 0))
+
         if not body.stream:
             await job.run()
             log_done(request, job)
-            return ChatCompletion(id=rid, created=created, model=llm.info.name, usage=usage_of(job), choices=[
-                ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)), finish_reason=c.finish_reason)
-                for i, c in enumerate(job.choices)])
+            choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)),
+                                  finish_reason=c.finish_reason, logprobs=await logprobs_of(i, c.token_ids, c.logprobs))
+                       for i, c in enumerate(job.choices)]
+            return ChatCompletion(id=rid, created=created, model=llm.info.name, usage=usage_of(job), choices=choices)
         events = await primed(job.events())
 
         def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
             return ChatCompletionChunk(id=rid, created=created, model=llm.info.name, choices=choices,
                                        usage=usage).model_dump_json()
 
-        def delta(ev: Event) -> list[ChatChunkChoice]:
+        async def delta(ev: Event) -> list[ChatChunkChoice]:
             out = []
-            if ev.text:
-                out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(content=ev.text)))
+            if ev.text or ev.token_ids:
+                out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(content=ev.text),
+                                           logprobs=await logprobs_of(ev.index, ev.token_ids, ev.logprobs)))
             if ev.finish_reason:
                 out.append(ChatChunkChoice(index=ev.index, delta=ChatDelta(), finish_reason=ev.finish_reason))
             return out
@@ -153,7 +205,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
                          for i in range(len(job.choices))])
             async for ev in events:
-                for choice in delta(ev):
+                for choice in await delta(ev):
                     yield chunk([choice], usage_of(job) if body.continuous_usage else None)
             log_done(request, job)
             if body.include_usage:
@@ -199,6 +251,30 @@ async def embed(ctx: ApiContext, embedder: EmbeddingBackend, request: Request,
     vectors, tokens = await embedder.embed(texts)
     logger.info("embeddings key=%s inputs=%d tokens=%d", request.state.key.name, len(texts), tokens)
     return vectors, tokens
+
+
+def check_supported(body: CompletionRequest | ChatCompletionRequest) -> None:
+    found = body.unsupported_field()
+    if found is not None:
+        field, why = found
+        raise bad_request(f"unsupported field {field}: {why}", "unsupported_field")
+
+
+def _prompt_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """What echo returns for each prompt: the text as sent, or the decoded token ids."""
+    if isinstance(body.prompt, str):
+        return [body.prompt]
+    if isinstance(body.prompt[0], str):
+        return list(body.prompt)
+    return tokenizer.batch_decode(prompts, skip_special_tokens=True)
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)` inline when its token lists are short, else on a worker thread (request-sized work)."""
+    size = sum(len(a) for a in args if isinstance(a, list))
+    if size <= _INLINE_LOGPROB_TOKENS:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
 
 
 def usage_of(job: GenerationJob) -> Usage:

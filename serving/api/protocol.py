@@ -1,8 +1,10 @@
 """Request and response schemas of the HTTP API (pydantic v2).
 
 Requests validate strictly: a string where a number belongs, a NaN, a negative count or a missing field is
-a 422 naming the field, before anything is tokenized. Fields we do not implement are ignored (clients such
-as the openai library and MLflow's providers send their defaults for them).
+a 422 naming the field, before anything is tokenized. OpenAI fields we do not implement (tools, functions,
+suffix, best_of > n, audio output, non-text content parts) are accepted only at the value that means "off"
+(clients such as the openai library and MLflow's providers send those defaults); any other value is a 400
+naming the field (`unsupported_field()`), never silently ignored. Fields OpenAI does not define are ignored.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serving.sampling_params import MAX_GUIDED_CHOICES, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
 
 # Mirrors SamplingParams' own bounds so a bad value is a 422 at the door, not a 400 from the engine.
 MAX_N = 16
@@ -23,6 +27,12 @@ TopK = Annotated[int, Field(ge=-1, description="-1 or 0 disables top-k")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 MaxTokens = Annotated[int, Field(ge=1)]
 Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+# OpenAI's shape: token ids as JSON object keys (strings).
+LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                           Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]],
+                      Field(max_length=MAX_LOGIT_BIAS_TOKENS)]
 
 
 class _Strict(BaseModel):
@@ -44,11 +54,20 @@ class SamplingKnobs(_Strict):
     stop: Stop | None = None
     seed: Seed | None = None
     ignore_eos: bool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    # vLLM's and transformers' (MosaicML's `parameters` too): > 1 discourages any token seen before.
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0, allow_inf_nan=False)] = 1.0
+    logit_bias: LogitBias | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = 0
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """SamplingParams keyword arguments (n and max_tokens are set per job)."""
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": -1 if self.top_k == 0 else self.top_k,
-                "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos}
+                "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos,
+                "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+                "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
+                "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None}
 
 
 class SamplingFields(SamplingKnobs):
@@ -58,6 +77,23 @@ class SamplingFields(SamplingKnobs):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # vLLM's structured-output extension (at most one of them).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: Annotated[str, Field(min_length=1)] | None = None
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]],
+                             Field(min_length=1, max_length=MAX_GUIDED_CHOICES)] | None = None
+
+    def guided_decoding(self) -> dict[str, Any] | None:
+        """GuidedDecodingParams keyword arguments, or None; APIError 400 when several are given."""
+        given = {name: value for name, value in (("json", self.guided_json), ("regex", self.guided_regex),
+                                                  ("choice", self.guided_choice)) if value is not None}
+        if len(given) > 1:
+            raise _conflict(*(f"guided_{name}" for name in given))
+        return given or None
+
+    def unsupported_field(self) -> tuple[str, str] | None:
+        """(field, why) for the first field set to something this server does not do, else None."""
+        return None
 
     @property
     def include_usage(self) -> bool:
@@ -77,23 +113,60 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
         | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: MaxTokens | None = 16
+    # 0 only with echo: score the prompt, generate nothing.
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    logprobs: NumLogprobs | None = None
+    echo: bool = False
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    suffix: str | None = None
+
+    def unsupported_field(self) -> tuple[str, str] | None:
+        if self.suffix:
+            return "suffix", "insertion (suffix) is not supported"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", "best_of must equal n (server-side best-of selection is not supported)"
+        if self.max_tokens == 0 and not self.echo:
+            return "max_tokens", "max_tokens=0 only makes sense with echo=true (scoring the prompt)"
+        return None
 
 
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(_Strict):
+    # Any type parses, so that a non-text part is a 400 naming it rather than a union error.
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[ContentPart]
     name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
+
+    def unsupported_part(self) -> str | None:
+        """The path of the first content part that is not text (e.g. `content[1].type='image_url'`)."""
+        if isinstance(self.content, list):
+            for j, part in enumerate(self.content):
+                if part.type != "text" or part.text is None:
+                    return f"content[{j}].type={part.type!r}"
+        return None
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -101,10 +174,53 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: NumLogprobs | None = None
+    response_format: ResponseFormat | None = None
+    # Accepted at their "off" values only (see the module doc).
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def unsupported_field(self) -> tuple[str, str] | None:
+        if self.tools:
+            return "tools", "tool calling is not supported"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool calling is not supported"
+        if self.functions:
+            return "functions", "function calling is not supported"
+        if self.function_call not in (None, "none", "auto"):
+            return "function_call", "function calling is not supported"
+        if self.audio is not None or (self.modalities is not None and self.modalities != ["text"]):
+            return "audio" if self.audio is not None else "modalities", "only text output is supported"
+        for i, message in enumerate(self.messages):
+            part = message.unsupported_part()
+            if part is not None:
+                return f"messages[{i}].{part}", "only text content parts are supported"
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs=true"
+        return None
+
+    def guided_decoding(self) -> dict[str, Any] | None:
+        guided = super().guided_decoding()
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return guided
+        if guided is not None:
+            raise _conflict("response_format", "guided_*")
+        if fmt.type == "json_object":
+            return {"json_object": True}
+        if fmt.json_schema is None:
+            raise _conflict("response_format.json_schema")
+        return {"json": fmt.json_schema.json_schema}
 
 
 class EmbeddingRequest(_Strict):
@@ -143,6 +259,14 @@ class TokenizeRequest(_Strict):
         return self
 
 
+def _conflict(*fields: str) -> Exception:
+    from serving.api.errors import bad_request
+
+    if len(fields) == 1:
+        return bad_request(f"{fields[0]} is required for this response_format type", "invalid_field")
+    return bad_request(f"give at most one of {', '.join(fields)}", "invalid_field")
+
+
 # ---- responses -------------------------------------------------------------------------------------
 
 
@@ -168,11 +292,21 @@ class Usage(BaseModel):
 FinishReason = Literal["stop", "length"]
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: per token its text, log-probability, top alternatives (the token
+    itself included) and character offset in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
@@ -194,11 +328,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -214,7 +363,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

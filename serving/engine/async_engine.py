@@ -118,6 +118,9 @@ class AsyncLLMEngine:
         await self.start()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.guided_decoding is not None:
+            # Compiling a grammar can take a while; the engine's compile below then hits the cache.
+            await asyncio.to_thread(self.engine.grammars.compile, params.guided_decoding)
         request = self.engine.make_request(request_id, prompt, params, stream=True)
         if not self._has_work():
             # The stall clock starts when work arrives, not at the last step before an idle spell.

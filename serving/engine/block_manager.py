@@ -114,8 +114,9 @@ class BlockManager:
         seq.num_registered_blocks = num_full
 
     def _lookup(self, seq: Sequence) -> list[int]:
-        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
-            # Scoring the prompt needs every prompt token's hidden state: a cached block has none.
+        if not self.enable_prefix_caching or seq.request.scoring_prompt:
+            # Scoring the prompt needs every prompt token's hidden state: a cached block has none. The other
+            # completions of the request compute theirs too, so none finishes its prefill before the first.
             return []
         # The last token is always computed: its logits give the next token.
         num_candidates = (seq.num_tokens - 1) // self.block_size

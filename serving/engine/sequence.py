@@ -87,8 +87,7 @@ class Sequence:
     @property
     def needs_prompt_logprobs(self) -> bool:
         """The request's first sequence scores the prompt (once; the others share the result)."""
-        scored = self.request.prompt_logprobs
-        return self.index == 0 and scored is not None and len(scored) < self.num_prompt_tokens
+        return self.index == 0 and self.request.scoring_prompt
 
     def finish(self, reason: str | None) -> None:
         self.status = SequenceStatus.FINISHED
@@ -115,6 +114,12 @@ class Request:
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Prompt logprobs are asked for and not complete yet."""
+        scored = self.prompt_logprobs
+        return scored is not None and len(scored) < len(self.prompt_token_ids)
 
     @property
     def finished(self) -> bool:
