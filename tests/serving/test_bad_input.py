@@ -31,7 +31,7 @@ CASES = [
     ("/v1/tokenize", {"model": MODEL}, 422, "exactly one"),
     # out-of-range values
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1}, 422, "max_tokens"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 422, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),  # 0 needs echo
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 422, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 422, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": -2}, 422, "top_k"),
