@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[serving,gateway,test]'
+	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[serving,gateway,shared-limits,test]'
 	touch $(STAMP)
 
 serve: install

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from limits.errors import ConfigurationError
-from limits.storage import storage_from_string
 from mlflow.exceptions import MlflowException
 from mlflow.gateway.base_models import ConfigModel
 from pydantic import ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from serving.utils.shared_limits import limits_storage
 
 
 def resolve_api_key(reference: str) -> SecretStr:
@@ -122,7 +123,7 @@ class MosaicConfig(ConfigModel):
         # Building the storage checks the scheme and its client library now, at gateway start,
         # rather than on the first limited request.
         try:
-            storage_from_string(f"async+{value}")
+            limits_storage(value)
         except ConfigurationError as e:
             raise ValueError(f"limits_storage_uri: {e}") from None
         return value

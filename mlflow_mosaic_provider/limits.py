@@ -2,7 +2,9 @@
 
 MLflow's own `limit` counts calls per client IP; these protect the serving tier per endpoint. The token
 budget uses the `limits` library (fixed one-minute windows) on `limits_storage_uri`: memory:// keeps it
-per worker process, redis:// or memcached:// shares one budget between all gateway workers.
+per worker process, redis:// or memcached:// (the `shared-limits` extra) shares one budget between all gateway
+workers. Fail open: while that store is unreachable, requests go ahead without the budget and a warning is
+logged every 30 s (serving/utils/shared_limits.py); the concurrency cap, in process, always holds.
 Tokens are charged after the fact from the upstream `usage` (a request is admitted while the window
 has budget left), so a window can overshoot by what the requests in flight use; the next requests
 then wait for the window to roll over.
@@ -18,10 +20,11 @@ from dataclasses import dataclass
 
 from limits import RateLimitItemPerMinute
 from limits.aio.strategies import FixedWindowRateLimiter
-from limits.storage import storage_from_string
+from limits.errors import StorageError
 
 from mlflow_mosaic_provider.client import LoopCache, gateway_error, loop_local
 from mlflow_mosaic_provider.config import MosaicConfig
+from serving.utils.shared_limits import StoreOutage, limits_storage
 
 _NAMESPACE = "mosaic-gateway-tpm"
 # A full slot frees as soon as any in-flight request ends, typically well under a second.
@@ -43,7 +46,8 @@ class EndpointLimits:
         self.endpoint = endpoint
         self.max_concurrent = config.max_concurrent_requests
         self.in_flight = 0
-        self._storage_uri = f"async+{config.limits_storage_uri}"
+        self._storage_uri = config.limits_storage_uri
+        self._outage = StoreOutage(config.limits_storage_uri, "token budget")
         self._budget = (
             RateLimitItemPerMinute(config.tokens_per_minute, namespace=_NAMESPACE)
             if config.tokens_per_minute is not None
@@ -55,7 +59,7 @@ class EndpointLimits:
         return loop_local(
             _LIMITERS,
             self._storage_uri,
-            lambda: FixedWindowRateLimiter(storage_from_string(self._storage_uri)),
+            lambda: FixedWindowRateLimiter(limits_storage(self._storage_uri)),
         )
 
     @asynccontextmanager
@@ -76,20 +80,30 @@ class EndpointLimits:
         meter = TokenMeter()
         try:
             if self._budget is not None:
-                limiter = self._limiter()
-                if not await limiter.test(self._budget, self.endpoint):
-                    stats = await limiter.get_window_stats(self._budget, self.endpoint)
-                    raise gateway_error(
-                        429,
-                        f"endpoint {self.endpoint!r} has used its budget of {self._budget.amount} "
-                        "tokens per minute",
-                        retry_after=max(1.0, math.ceil(stats.reset_time - time.time())),
-                    )
+                await self._check_budget()
             yield meter
         finally:
             self.in_flight -= 1
             if self._budget is not None and meter.tokens > 0:
-                await self._limiter().hit(self._budget, self.endpoint, cost=meter.tokens)
+                try:
+                    await self._limiter().hit(self._budget, self.endpoint, cost=meter.tokens)
+                except StorageError as e:
+                    self._outage.report(e)
+
+    async def _check_budget(self) -> None:
+        limiter = self._limiter()
+        try:
+            if await limiter.test(self._budget, self.endpoint):
+                return
+            stats = await limiter.get_window_stats(self._budget, self.endpoint)
+        except StorageError as e:
+            self._outage.report(e)
+            return
+        raise gateway_error(
+            429,
+            f"endpoint {self.endpoint!r} has used its budget of {self._budget.amount} tokens per minute",
+            retry_after=max(1.0, math.ceil(stats.reset_time - time.time())),
+        )
 
 
 _ENDPOINTS: dict[tuple[str, int | None, int | None, str], EndpointLimits] = {}

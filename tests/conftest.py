@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.checkpoints",
     "tests.fixtures.gateway",
     "tests.fixtures.stack",
+    "tests.fixtures.redis_server",
 ]

@@ -1,8 +1,12 @@
 """Per-key request and token rate limits, on the `limits` library (sliding-window counters).
 
 Storage decides the scope: the default `memory://` keeps counters inside each ingress replica, so with R
-ingress replicas a key can get up to R times its limit; a shared storage URI (for example
-`redis://host:6379`, which needs `pip install "limits[async-redis]"`) makes the limits cluster-wide.
+ingress replicas a key can get up to R times its limit; a shared storage URI (`redis://host:6379`, or
+`memcached://host:11211`; clients in the `shared-limits` extra) makes the limits cluster-wide.
+
+Fail open: while the shared store is unreachable, requests are admitted without rate limits (keys are still
+checked) and a warning is logged every 30 s; limits apply again as soon as it answers. An outage of the
+counter store should not take the API down with it.
 
 Tokens are charged when a request is admitted, as the prompt tokens plus the most it may generate
 (`max_tokens` times `n`), the way hosted LLM APIs budget: the charge is known before the work starts, and a
@@ -15,22 +19,31 @@ import time
 
 from limits import RateLimitItemPerMinute
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
-from limits.storage import storage_from_string
+from limits.errors import StorageError
 
 from serving.api.auth import KeyRecord
 from serving.api.errors import APIError
+from serving.utils.shared_limits import StoreOutage, limits_storage
 
 _NAMESPACE = "mosaic-serve"
 
 
 class RateLimiter:
     def __init__(self, storage_uri: str = "memory://"):
-        uri = storage_uri if storage_uri.startswith("async+") else "async+" + storage_uri
         self.storage_uri = storage_uri
-        self._limiter = SlidingWindowCounterRateLimiter(storage_from_string(uri))
+        self._limiter = SlidingWindowCounterRateLimiter(limits_storage(storage_uri))
+        self._outage = StoreOutage(storage_uri, "rate-limit")
 
     async def acquire(self, key: KeyRecord, tokens: int) -> None:
-        """Charge one request and `tokens` tokens to `key`, or raise 429 (with Retry-After) if over a limit."""
+        """Charge one request and `tokens` tokens to `key`, or raise 429 (with Retry-After) if over a limit.
+
+        Admits the request when the storage cannot be reached (see the module docstring)."""
+        try:
+            await self._acquire(key, tokens)
+        except StorageError as exc:
+            self._outage.report(exc)
+
+    async def _acquire(self, key: KeyRecord, tokens: int) -> None:
         checks = []
         if key.requests_per_minute is not None:
             checks.append(("requests", RateLimitItemPerMinute(key.requests_per_minute), 1))
