@@ -114,6 +114,12 @@ def _serve_parser(prog: str = "mosaic-serve") -> argparse.ArgumentParser:
                    help="seconds a stopping replica drains in-flight requests")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster to deploy onto (default: start a local Ray instance)")
+    p.add_argument("--llm-resources", type=json.loads, default={}, metavar="JSON",
+                   help='custom Ray resources per LLM replica, e.g. \'{"llm_node": 1}\' (nodes started with them)')
+    p.add_argument("--ingress-resources", type=json.loads, default={}, metavar="JSON",
+                   help="custom Ray resources per ingress replica")
+    p.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"],
+                   help="where Ray Serve runs HTTP proxies (HeadOnly: several nodes on one machine share a port)")
     return p
 
 
@@ -147,6 +153,7 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
         rate_limit_storage=args.rate_limit_storage, stall_timeout_s=args.stall_timeout,
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout,
+        llm_resources=args.llm_resources, ingress_resources=args.ingress_resources,
     )
     if args.min_replicas is not None or args.max_replicas is not None:
         fields["autoscaling"] = {"min_replicas": args.min_replicas if args.min_replicas is not None else 1,
@@ -197,7 +204,7 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         base_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
         print(f"mosaic-serve: serving {config.engine_config().served_model_name}"

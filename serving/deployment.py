@@ -80,6 +80,9 @@ class AppConfig(BaseModel):
     autoscaling: AutoscalingSettings | None = None
     llm_num_cpus: float = Field(1.0, gt=0)
     llm_num_gpus: float = Field(0.0, ge=0)
+    # Custom Ray resources per LLM replica (per tensor-parallel rank), e.g. {"llm_node": 1}: replicas go
+    # only to nodes started with them (`ray start --resources '{"llm_node": 1}'`).
+    llm_resources: dict[str, float] = Field(default_factory=dict)
     max_waiting_requests: int = Field(64, ge=0)
     # Stream items per second one LLM replica sends, shared by its streams (0: one item per engine step).
     stream_items_per_s: float = Field(100.0, ge=0)
@@ -93,6 +96,7 @@ class AppConfig(BaseModel):
     # ingress
     ingress_num_replicas: int = Field(1, ge=1)
     ingress_num_cpus: float = Field(0.5, gt=0)
+    ingress_resources: dict[str, float] = Field(default_factory=dict)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
     api_keys_file: str | None = None
     key_reload_interval_s: float = Field(1.0, gt=0)
@@ -195,6 +199,13 @@ def _enter_replica(num_cpus: float) -> str:
     return context.replica_id.to_full_id_str()
 
 
+def _node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray), so /health shows where replicas are."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 class LLMServer:
     """One LLM replica: an AsyncLLMEngine plus this replica's admission bound.
 
@@ -206,6 +217,7 @@ class LLMServer:
         from serving.engine.async_engine import AsyncLLMEngine
 
         self.replica = _enter_replica(config.llm_num_cpus)
+        self.node = _node_id()
         self.engine = AsyncLLMEngine(config.engine_config())
         await self.engine.start()
         self.capacity = config.replica_capacity
@@ -264,9 +276,9 @@ class LLMServer:
         try:
             self.engine.check_health()
         except (EngineDeadError, EngineStalledError) as exc:
-            return {"replica": self.replica, "model": self.engine.model_name, "healthy": False,
+            return {"replica": self.replica, "node": self.node, "model": self.engine.model_name, "healthy": False,
                     "error": type(exc).__name__}
-        return {"replica": self.replica, "model": self.engine.model_name, "healthy": True}
+        return {"replica": self.replica, "node": self.node, "model": self.engine.model_name, "healthy": True}
 
     async def stats(self) -> dict[str, Any]:
         stats = self.engine.stats()
@@ -405,14 +417,15 @@ class Ingress:
 _REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
-def _actor_options(num_cpus: float, **resources: float) -> dict[str, Any]:
-    return {"num_cpus": num_cpus, **resources, "runtime_env": {"env_vars": dict(_REPLICA_ENV)}}
+def _actor_options(num_cpus: float, resources: dict[str, float] | None = None, **options: float) -> dict[str, Any]:
+    custom = {"resources": dict(resources)} if resources else {}
+    return {"num_cpus": num_cpus, **options, **custom, "runtime_env": {"env_vars": dict(_REPLICA_ENV)}}
 
 
 def build_app(config: AppConfig) -> Application:
     llm_options: dict[str, Any] = dict(
         name="LLMServer",
-        ray_actor_options=_actor_options(config.llm_num_cpus, num_gpus=config.llm_num_gpus),
+        ray_actor_options=_actor_options(config.llm_num_cpus, config.llm_resources, num_gpus=config.llm_num_gpus),
         **_tensor_parallel_placement(config),
         max_ongoing_requests=config.replica_capacity,
         max_queued_requests=config.router_queue,
@@ -447,7 +460,7 @@ def build_app(config: AppConfig) -> Application:
     ingress = serve.deployment(serve.ingress()(Ingress)).options(
         name="Ingress",
         num_replicas=config.ingress_num_replicas,
-        ray_actor_options=_actor_options(config.ingress_num_cpus),
+        ray_actor_options=_actor_options(config.ingress_num_cpus, config.ingress_resources),
         max_ongoing_requests=config.ingress_max_ongoing_requests,
         # The proxy's own queue in front of a saturated ingress: bounded, answered 503 + Retry-After.
         max_queued_requests=config.ingress_max_ongoing_requests,
@@ -470,7 +483,7 @@ def _tensor_parallel_placement(config: AppConfig) -> dict[str, Any]:
     """
     if config.tensor_parallel_size == 1:
         return {}
-    bundle: dict[str, float] = {"CPU": config.llm_num_cpus}
+    bundle: dict[str, float] = {"CPU": config.llm_num_cpus, **config.llm_resources}
     if config.llm_num_gpus:
         bundle["GPU"] = config.llm_num_gpus
     return {"placement_group_bundles": [bundle] * config.tensor_parallel_size,

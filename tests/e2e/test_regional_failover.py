@@ -15,11 +15,10 @@ from collections import Counter
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from serving.deployment import AppConfig
 from tests.fixtures.edge import Edge
-from tests.fixtures.gateway import free_port, mosaic_endpoint
+from tests.fixtures.gateway import free_port, mosaic_endpoint, provider_metrics
 
 REGION = dict(num_replicas=1, llm_num_cpus=0.5, max_num_seqs=4, max_waiting_requests=8, num_kv_blocks=256,
               embedding_model="none", ingress_num_cpus=0.25, health_check_period_s=2.0, graceful_shutdown_timeout_s=5.0,
@@ -31,21 +30,11 @@ MAX_REQUESTS_PER_CLIENT = 40
 
 
 def served_by(metrics_url: str) -> Counter:
-    """Requests the gateway sent upstream, by the region that gave the final answer (status 200 only)."""
-    text = requests.get(metrics_url, timeout=10).text
-    counts: Counter = Counter()
-    for family in text_string_to_metric_families(text):
-        if family.name == "mosaic_gateway_upstream_requests":
-            for sample in family.samples:
-                if sample.name.endswith("_total") and sample.labels["status"] == "200":
-                    counts[sample.labels["region"]] += sample.value
-    return counts
+    return Counter(provider_metrics(metrics_url)[0])
 
 
 def failovers(metrics_url: str) -> float:
-    text = requests.get(metrics_url, timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "mosaic_gateway_failovers"
-               for s in f.samples if s.name.endswith("_total"))
+    return provider_metrics(metrics_url)[1]
 
 
 def _wait(predicate, timeout_s: float, what: str) -> None:
