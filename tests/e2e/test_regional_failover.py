@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from collections import Counter
 
 import pytest
@@ -19,6 +18,7 @@ import requests
 from serving.deployment import AppConfig
 from tests.fixtures.edge import Edge
 from tests.fixtures.gateway import free_port, mosaic_endpoint, provider_metrics
+from tests.serving.helpers import wait_until
 
 REGION = dict(num_replicas=1, llm_num_cpus=0.5, max_num_seqs=4, max_waiting_requests=8, num_kv_blocks=256,
               embedding_model="none", ingress_num_cpus=0.25, health_check_period_s=2.0, graceful_shutdown_timeout_s=5.0,
@@ -35,13 +35,6 @@ def served_by(metrics_url: str) -> Counter:
 
 def failovers(metrics_url: str) -> float:
     return provider_metrics(metrics_url)[1]
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -87,10 +80,10 @@ def test_a_region_stopped_under_load_fails_no_request_and_traffic_returns(servin
         for t in threads:
             t.start()
         try:
-            _wait(lambda: served_by(metrics)[region_a] >= 5, 90, "load on region A")
+            wait_until(lambda: served_by(metrics)[region_a] >= 5, 90, "load on region A")
             edge.stop()  # region A goes away with requests in flight
             done_at_stop = len(statuses)
-            _wait(lambda: len(statuses) >= done_at_stop + 8, 90, "requests after the outage")
+            wait_until(lambda: len(statuses) >= done_at_stop + 8, 90, "requests after the outage")
         finally:
             stop.set()
             for t in threads:
@@ -106,7 +99,7 @@ def test_a_region_stopped_under_load_fails_no_request_and_traffic_returns(servin
         # A is back: after its cool-down a request probes it and traffic routes back.
         edge.start()
         before = served_by(metrics)[region_a]
-        _wait(lambda: requests.post(url, json=BODY, timeout=120).status_code == 200
+        wait_until(lambda: requests.post(url, json=BODY, timeout=120).status_code == 200
               and served_by(metrics)[region_a] > before, COOLDOWN_S + 30, "traffic to return to region A")
         assert "routing back" in gateway.log()
         assert serving_stack.api_key not in gateway.log()

@@ -1,7 +1,9 @@
-"""Small HTTP helpers shared by the serving tests (SSE parsing, metrics scraping)."""
+"""Small helpers shared by the serving tests (SSE parsing, metrics scraping, waiting for a condition)."""
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -28,3 +30,11 @@ def scrape(base_url: str) -> dict[str, list[tuple[dict[str, str], float]]]:
 
 def per_replica(base_url: str, name: str) -> dict[str, float]:
     return {labels["replica"]: value for labels, value in scrape(base_url).get(name, [])}
+
+
+def wait_until(predicate: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.3) -> None:
+    """Poll `predicate` until it is true; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval_s)

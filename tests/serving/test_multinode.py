@@ -24,6 +24,7 @@ import pytest
 
 from serving.api.auth import add_key
 from tests.fixtures.gateway import free_port
+from tests.serving.helpers import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("local_cluster", REPO / "deploy" / "local_cluster.py")
@@ -33,13 +34,6 @@ _spec.loader.exec_module(local_cluster)
 STREAMERS = 3
 BODY = {"model": "tiny-llama-2-chat", "prompt": "Spread over nodes", "max_tokens": 48, "ignore_eos": True,
         "stream": True}
-
-
-def _wait(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 @pytest.mark.slow
@@ -78,7 +72,7 @@ def test_replicas_spread_survive_a_node_crash_and_recover(tmp_path):
             except (httpx.HTTPError, ValueError, KeyError):
                 return []
 
-        _wait(lambda: len(placed()) == 2, 240, f"two replicas (mosaic-serve log: {tmp_path / 'serve.log'})")
+        wait_until(lambda: len(placed()) == 2, 240, f"two replicas (mosaic-serve log: {tmp_path / 'serve.log'})")
         nodes = {n["id"]: n for n in cluster.nodes()}
         first = placed()
         # Spread for redundancy, and only on nodes that have the llm_node resource (never the head).
@@ -116,18 +110,18 @@ def test_replicas_spread_survive_a_node_crash_and_recover(tmp_path):
         for t in [*streamers, poller]:
             t.start()
         try:
-            _wait(lambda: len(outcomes) >= STREAMERS, 120, "streams before the crash")
+            wait_until(lambda: len(outcomes) >= STREAMERS, 120, "streams before the crash")
             cluster.kill_worker(0)
             killed_at = time.monotonic()
-            _wait(lambda: sum(1 for at, o in outcomes if at > killed_at + 5 and o == "ok") >= 3, 180,
+            wait_until(lambda: sum(1 for at, o in outcomes if at > killed_at + 5 and o == "ok") >= 3, 180,
                   "streams completing on the surviving replica")
-            _wait(lambda: len(placed()) == 1, 120, "the dead node's replica to leave /health")
+            wait_until(lambda: len(placed()) == 1, 120, "the dead node's replica to leave /health")
             stop.set()
             for t in streamers:
                 t.join(timeout=150)
             # The node comes back (a new raylet with the same resources): Serve places the missing replica.
             cluster.add_worker(num_cpus=1, resources={"llm_node": 1})
-            _wait(lambda: len(set(placed())) == 2, 240, "the replica count to recover")
+            wait_until(lambda: len(set(placed())) == 2, 240, "the replica count to recover")
         finally:
             stop.set()
             stop_health.set()
