@@ -228,7 +228,7 @@ def main() -> int:
     # The replica gets mosaic-serve's default share: the cores less one for the HTTP path.
     app = AppConfig(model=args.model, num_replicas=1, llm_num_cpus=default_llm_cpus(1), max_num_seqs=max_seqs,
                     max_waiting_requests=max(64, max_seqs), num_kv_blocks=num_kv_blocks, embedding_model="none",
-                    ingress_num_cpus=0.5)
+                    ingress_num_cpus=0.5, insecure_no_auth=True)  # loopback only, no keys to measure
     threads = args.engine_threads or int(app.llm_num_cpus)
     torch.set_num_threads(threads)
 

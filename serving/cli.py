@@ -9,11 +9,14 @@
     mosaic-serve dev        # what `make serve` runs: a dev key under .dev/, the default models on 127.0.0.1:8000
 
 Without `--address` (or RAY_ADDRESS) a local Ray instance is started; with it the application is deployed
-onto that cluster. Ctrl-C (or SIGTERM) stops taking requests, drains the ones in flight and exits.
+onto that cluster. Ctrl-C (or SIGTERM, to the process or its group) stops taking requests at once (503
+with Retry-After), lets the accepted ones and their streams finish for up to --graceful-shutdown-timeout
+seconds, and exits with nothing left running; a second signal stops without waiting.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import json
 import logging
@@ -23,6 +26,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +155,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
         llm_num_cpus=llm_cpus, llm_num_gpus=gpus, max_waiting_requests=args.max_waiting_requests,
         embedding_model=args.embedding_model, ingress_num_replicas=args.ingress_replicas,
         api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
+        # _check_auth allowed this run: keys, an explicit flag, or a local instance on loopback only.
+        insecure_no_auth=args.api_keys_file is None,
         rate_limit_storage=args.rate_limit_storage, stall_timeout_s=args.stall_timeout,
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout,
         llm_resources=args.llm_resources, ingress_resources=args.ingress_resources,
@@ -164,7 +170,14 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def _check_auth(args: argparse.Namespace) -> str | None:
     """Why the server must not start with these auth settings, or None."""
     if args.api_keys_file is None:
-        if not _is_loopback(args.host) and not args.insecure_no_auth:
+        if args.insecure_no_auth:
+            return None
+        if args.address:
+            # A running cluster keeps the HTTP options it started with: --host says nothing about where its
+            # proxies listen, so "loopback only" cannot be promised.
+            return ("refusing to deploy onto a running Ray cluster without API keys: its proxies may listen on "
+                    "any address; pass --api-keys-file or --insecure-no-auth")
+        if not _is_loopback(args.host):
             return (f"refusing to serve on {args.host} without API keys: pass --api-keys-file (create keys with "
                     "`mosaic-serve keys add NAME --api-keys-file F`) or --insecure-no-auth")
         return None
@@ -200,19 +213,28 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
         # Logical CPUs: at least what the replicas ask for, so fractional shares fit on a small machine.
         ray.init(include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, math.ceil(resources_needed(config))))
-    stop = threading.Event()
+    # First signal: drain. Second: stop draining and shut down now.
+    stop, hurry = threading.Event(), threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        (hurry if stop.is_set() else stop).set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        base_url = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+        host, port = _listening_address(args.host, args.port)
+        logger.info("HTTP proxy listening on %s:%d (%s)", host, port,
+                    "API keys from " + str(args.api_keys_file) if args.api_keys_file else "NO authentication")
+        base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"mosaic-serve: serving {config.engine_config().served_model_name}"
               f"{' and ' + config.embedding_model if config.has_embeddings else ''} at {base_url}", flush=True)
         if on_ready is not None:
             on_ready(base_url, config)
         stop.wait()
-        print("mosaic-serve: draining in-flight requests and stopping", flush=True)
+        print("mosaic-serve: refusing new requests, draining the ones in flight", flush=True)
+        _drain(config.graceful_shutdown_timeout_s, hurry)
     finally:
         if args.address:
             serve.delete(APP_NAME)  # leave the cluster's other applications alone
@@ -220,6 +242,45 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
             serve.shutdown()
         ray.shutdown()
     return 0
+
+
+def _drain(timeout_s: float, hurry: threading.Event) -> None:
+    """Every ingress replica answers new requests 503 from now; wait until the accepted ones (streams to
+    their last byte) are done, for up to `timeout_s` (or until a second signal)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Ingress", app_name=APP_NAME)
+    deadline = time.monotonic() + timeout_s
+    method = "drain"
+    while True:
+        try:
+            in_flight = sum(handle.broadcast(method).results(timeout_s=10))
+        except Exception as exc:  # noqa: BLE001 (an ingress that cannot answer has nothing left to drain)
+            logger.warning("could not reach the ingress while draining (%s)", type(exc).__name__)
+            return
+        method = "in_flight"
+        if in_flight == 0:
+            logger.info("drained: no request in flight")
+            return
+        if hurry.is_set() or time.monotonic() > deadline:
+            logger.warning("stopping with %d requests still in flight", in_flight)
+            return
+        time.sleep(0.2)
+
+
+def _listening_address(host: str, port: int) -> tuple[str, int]:
+    """Where Ray Serve's proxies really listen: a running cluster keeps the HTTP options it started with."""
+    from ray import serve
+
+    try:
+        client = serve.context._get_global_client()
+        import ray
+
+        options = ray.get(client._controller.get_http_config.remote(), timeout=10)
+        return options.host or host, options.port or port
+    except Exception as exc:  # noqa: BLE001 (private API: fall back to what was asked for)
+        logger.warning("could not read the proxies' HTTP options (%s); assuming %s:%d", type(exc).__name__, host, port)
+        return host, port
 
 
 # ---- dev (`make serve`) ----------------------------------------------------------------------------------
@@ -305,11 +366,41 @@ def _start_gateway(port: int, serving_port: int, key: str, dev_dir: Path) -> sub
     )
 
 
+# Set in the server process that `_supervise` starts.
+_SERVER_ENV = "MOSAIC_SERVE_SERVER_PROCESS"
+
+
+def _supervise(argv: list[str]) -> int:
+    """Run the server in a session of its own and pass signals on to its main process only.
+
+    Ctrl-C in a terminal, or systemd stopping the service, signals the whole process group. Ray's processes
+    (GCS, raylet, workers: the replicas) would be in that group and die at once, cutting every request in
+    flight. In a session of their own they only hear of it from the server, which drains first.
+    """
+    server = subprocess.Popen([sys.executable, "-m", "serving.cli", *argv], env={**os.environ, _SERVER_ENV: "1"},
+                              start_new_session=True)
+
+    def forward(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    try:
+        return server.wait()
+    finally:
+        # Nothing of the server's session outlives it (a Ray process it could not stop, say).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(server.pid, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "keys":
         return keys_main(argv[1:])
+    if os.environ.get(_SERVER_ENV) != "1":
+        return _supervise(argv)
     if argv and argv[0] == "dev":
         return dev_main(argv[1:])
     if argv and argv[0] == "plan":

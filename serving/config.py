@@ -24,6 +24,9 @@ class EngineConfig:
     attention_backend: str = "auto"       # auto | sdpa | flash_attn | cpu_kernel
     served_model_name: str | None = None  # the name clients use; defaults to the model argument
     stall_timeout_s: float = 30.0         # health check fails when work waits this long without a step
+    # Tensor parallelism: a collective (and the ranks' rendezvous) that waits this long fails; an idle group
+    # stays alive with a keepalive message well inside it.
+    tp_timeout_s: float = 600.0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -43,6 +46,7 @@ class EngineConfig:
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "None or >= 1")
         need(0.0 < self.kv_cache_memory_fraction < 1.0, "kv_cache_memory_fraction", "a fraction in (0, 1)")
         need(self.stall_timeout_s > 0, "stall_timeout_s", "a number of seconds > 0")
+        need(self.tp_timeout_s > 0, "tp_timeout_s", "a number of seconds > 0")
         need(self.attention_backend in ("auto", "sdpa", "flash_attn", "cpu_kernel"), "attention_backend",
              "auto, sdpa, flash_attn or cpu_kernel")
         if self.max_num_batched_tokens is None:

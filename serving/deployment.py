@@ -39,10 +39,11 @@ from ray.serve.handle import DeploymentHandle
 
 from serving.api.backends import Delta, EmbeddingBackend, LLMBackend
 from serving.api.context import ApiContext, ApiSettings
-from serving.api.errors import bad_request, unavailable
+from serving.api.errors import APIError, bad_request, unavailable
 from serving.api.ratelimit import RateLimiter
 from serving.config import DEFAULT_MODEL, EngineConfig
 from serving.embeddings import DEFAULT_EMBEDDING_MODEL
+from serving.limits import LIMITS
 from serving.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,13 @@ class AppConfig(BaseModel):
     ingress_resources: dict[str, float] = Field(default_factory=dict)
     ingress_max_ongoing_requests: int = Field(1024, ge=1)
     api_keys_file: str | None = None
+    # Serving without keys must be asked for by name: build_app refuses otherwise (fail closed).
+    insecure_no_auth: bool = False
     key_reload_interval_s: float = Field(1.0, gt=0)
     rate_limit_storage: str = "memory://"
     max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024)
     default_max_tokens: int = Field(256, ge=1)
-    max_prompts_per_request: int = Field(64, ge=1)
+    max_prompts_per_request: int = Field(LIMITS.prompts, ge=1, le=LIMITS.prompts)
     retry_after_s: int = Field(1, ge=1)
     # replica lifecycle
     health_check_period_s: float = Field(10.0, gt=0)
@@ -231,17 +234,21 @@ class LLMServer:
                 "tokenizer": self.engine.tokenizer}
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: dict[str, Any]) -> AsyncIterator[list[Delta]]:
-        """Stream lists of `Delta` (new text, tokens, logprobs per completion) for one request (see `_coalesced`).
+                       params: dict[str, Any]) -> AsyncIterator[list[Delta] | APIError]:
+        """Stream lists of `Delta` (new text, tokens, logprobs per completion) for one request (see
+        `_coalesced`); a failure is the last item, an APIError.
 
         When the consumer goes away (client disconnect, cancelled handle call) the generator is closed,
         which closes the engine's stream and aborts the request: its KV blocks are freed.
         """
-        from serving.engine.errors import EngineDeadError
+        from serving.engine.errors import EngineDeadError, RequestFailedError
         from serving.sampling_params import SamplingParams
 
+        # Errors are the stream's last item, not exceptions: Ray logs an exception raised by a replica
+        # method at ERROR with its traceback, which for a full queue or a bad value is noise.
         if self.in_flight >= self.capacity:
-            raise unavailable(f"replica queue is full ({self.capacity} requests)", "queue_full")
+            yield unavailable(f"replica queue is full ({self.capacity} requests)", "queue_full")
+            return
         self.in_flight += 1
         try:
             params = SamplingParams(**params)
@@ -249,9 +256,12 @@ class LLMServer:
             async for deltas in _coalesced(outputs, self._stream_interval):
                 yield deltas
         except EngineDeadError:
-            raise unavailable("this replica's engine is down; it is being replaced", "replica_unavailable") from None
+            yield unavailable("this replica's engine is down; it is being replaced", "replica_unavailable")
+        except RequestFailedError as exc:
+            # Not retried anywhere: on another replica the same request would fail the same way.
+            yield APIError(500, str(exc), "request_failed")
         except ValueError as exc:
-            raise bad_request(str(exc)) from None
+            yield bad_request(str(exc))
         finally:
             self.in_flight -= 1
 
@@ -384,12 +394,13 @@ class EmbeddingServer:
         return {"name": self.model.name, "dimensions": self.model.dimensions,
                 "max_input_tokens": self.model.max_input_tokens, "tokenizer": self.model.tokenizer}
 
-    async def embed(self, texts: list[str]) -> tuple[Any, int]:
+    async def embed(self, texts: list[str]) -> tuple[Any, int] | APIError:
+        """(vectors, tokens), or the APIError for bad input as a value (raised, Ray would log it at ERROR)."""
         try:
             # Off the event loop, so health checks and other calls are answered meanwhile.
             return await asyncio.to_thread(self.model.embed, texts)
         except ValueError as exc:
-            raise bad_request(str(exc)) from None
+            return bad_request(str(exc))
 
     def health(self) -> dict[str, Any]:
         return {"replica": self.replica, "model": self.model.name, "healthy": True}
@@ -404,6 +415,14 @@ class Ingress:
         llm_backend = await LLMBackend.connect(llm, settings.retry_after_s)
         embed_backend = await EmbeddingBackend.connect(embedder, settings.retry_after_s) if embedder else None
         self.ctx = ApiContext.create(settings, llm_backend, embed_backend)
+
+    async def drain(self) -> int:
+        """Refuse new requests from now on (503 + Retry-After); returns how many are still being answered."""
+        self.ctx.draining = True
+        return self.ctx.in_flight
+
+    async def in_flight(self) -> int:
+        return self.ctx.in_flight
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         from serving.api.app import create_app
@@ -423,6 +442,15 @@ def _actor_options(num_cpus: float, resources: dict[str, float] | None = None, *
 
 
 def build_app(config: AppConfig) -> Application:
+    """The application; refuses (ValueError) to build one without API keys unless insecure_no_auth is set."""
+    if config.api_keys_file is None:
+        if not config.insecure_no_auth:
+            raise ValueError("refusing to build the serving app without authentication: set api_keys_file (create "
+                             "keys with `mosaic-serve keys add NAME --api-keys-file F`) or insecure_no_auth: true")
+        logger.warning("building the serving app WITHOUT authentication (insecure_no_auth)")
+    elif not Path(config.api_keys_file).is_file():
+        logger.error("API key file %s does not exist: every request is refused until it is created",
+                     config.api_keys_file)
     llm_options: dict[str, Any] = dict(
         name="LLMServer",
         ray_actor_options=_actor_options(config.llm_num_cpus, config.llm_resources, num_gpus=config.llm_num_gpus),

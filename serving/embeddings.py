@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from serving.limits import LIMITS
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_EMBEDDING_MODEL = "all-MiniLM-L6-v2"
-# Bounds the work one request can ask of a replica; larger batches can be split by the client.
-MAX_INPUTS_PER_REQUEST = 2048
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ def check_inputs(token_counts: list[int], max_input_tokens: int) -> None:
     """Raise ValueError (naming counts, never text) for no inputs, too many, or one over the window."""
     if not token_counts:
         raise ValueError("no inputs to embed")
-    if len(token_counts) > MAX_INPUTS_PER_REQUEST:
-        raise ValueError(f"{len(token_counts)} inputs in one request; at most {MAX_INPUTS_PER_REQUEST}")
+    if len(token_counts) > LIMITS.embedding_inputs:
+        raise ValueError(f"{len(token_counts)} inputs in one request; at most {LIMITS.embedding_inputs}")
     for i, n in enumerate(token_counts):
         if n > max_input_tokens:
             raise ValueError(f"input {i} has {n} tokens, more than the embedding model's limit of "

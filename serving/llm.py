@@ -40,6 +40,7 @@ class LLM:
         """Run every prompt to completion; outputs come back in input order.
 
         Every prompt is validated before any runs, so one bad prompt raises ValueError and runs nothing.
+        A request that makes a model step raise raises RequestFailedError (the engine itself stays usable).
         """
         single_ids = isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], int)
         if isinstance(prompts, str) or single_ids:
@@ -59,6 +60,10 @@ class LLM:
             while len(results) < len(requests):
                 for output in self.engine.step():
                     results[output.request_id] = output
+                failures = self.engine.pop_failures()
+                if failures:
+                    # The others are aborted below; their partial outputs would be a silent half answer.
+                    raise next(iter(failures.values()))
         finally:
             for request in requests:
                 if request.request_id not in results:

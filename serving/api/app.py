@@ -1,7 +1,9 @@
 """The FastAPI application of the ingress: middleware, error mapping, health, metrics and the routers.
 
-Order of checks for a request: authentication (401, before the body is even read), body size (413),
-JSON and schema (400/422), model (404), token window (400), rate limit (429), queue (503).
+Order of checks for a request: authentication and a key already over its limits (401 / 429, before the
+body is even read), body size (413), JSON and schema with every bound of serving/limits.py (400/422),
+model (404), tokenizing (off the event loop), token window (400), reserving the key's tokens (429),
+queue (503).
 Logs carry endpoint, status, key name, token counts and latency; never request or response bodies, and
 never error messages of 4xx answers (they may quote the caller's input).
 """
@@ -20,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serving.api import mosaic, openai
 from serving.api.auth import ANONYMOUS
 from serving.api.context import ApiContext
-from serving.api.errors import APIError, error_body
+from serving.api.errors import APIError, error_body, unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +140,8 @@ class AuthMiddleware:
             header = dict(scope["headers"]).get(b"authorization")
             try:
                 state["key"] = self.ctx.keys.authenticate(header.decode("latin-1") if header else None)
+                # A key already out of requests or tokens is refused before its body is even read.
+                await self.ctx.limiter.precheck(state["key"])
             except APIError as exc:
                 await exc.to_response()(scope, receive, send)
                 return
@@ -145,16 +149,31 @@ class AuthMiddleware:
 
 
 class AccessMiddleware:
-    """Counts and logs every request by endpoint (the route template), status and key name."""
+    """Counts and logs every request by endpoint (the route template), status and key name; while the
+    server drains, refuses new ones (503, Retry-After) and counts those still being answered."""
 
     def __init__(self, app: ASGIApp, ctx: ApiContext):
         self.app = app
+        self.ctx = ctx
         self.metrics = ctx.metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.ctx.draining and _route_path(scope) not in PUBLIC_PATHS:
+            response = unavailable("the server is shutting down; retry on another server or later",
+                                   "shutting_down", self.ctx.settings.retry_after_s).to_response()
+            response.headers["Connection"] = "close"
+            await response(scope, receive, send)
+            return
+        self.ctx.in_flight += 1
+        try:
+            await self._served(scope, receive, send)
+        finally:
+            self.ctx.in_flight -= 1
+
+    async def _served(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         status = 500
 

@@ -13,6 +13,7 @@ File shape: {"version": 1, "keys": [{"name", "sha256", "requests_per_minute", "t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import hashlib
@@ -54,11 +55,41 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
 def _read(path: Path) -> list[KeyRecord]:
-    data = json.loads(path.read_text())
+    """The file's records; ValueError naming the file and the entry for anything malformed."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON (line {exc.lineno})") from None
     if not isinstance(data, dict) or data.get("version") != _FILE_VERSION or not isinstance(data.get("keys"), list):
         raise ValueError(f"{path} is not a version-{_FILE_VERSION} API key file")
-    return [KeyRecord(**entry) for entry in data["keys"]]
+    return [_record(path, i, entry) for i, entry in enumerate(data["keys"])]
+
+
+def _record(path: Path, index: int, entry: object) -> KeyRecord:
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: key entry {index} {what}")
+
+    if not isinstance(entry, dict):
+        raise bad("is not an object")
+    unknown = set(entry) - {f.name for f in dataclasses.fields(KeyRecord)}
+    if unknown:
+        raise bad(f"has unknown fields {sorted(unknown)}")
+    name, digest = entry.get("name"), entry.get("sha256")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise bad("has no valid name")
+    if not isinstance(digest, str) or not _HASH_RE.match(digest):
+        raise bad(f"({name}) has no valid sha256 (64 lowercase hex digits)")
+    for field in ("requests_per_minute", "tokens_per_minute"):
+        value = entry.get(field)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise bad(f"({name}) has an invalid {field}: expected a positive integer or null")
+    if not isinstance(entry.get("created_at", ""), str):
+        raise bad(f"({name}) has an invalid created_at")
+    return KeyRecord(**entry)
 
 
 def _write(path: Path, records: list[KeyRecord]) -> None:
@@ -142,6 +173,7 @@ class KeyStore:
         self._records: list[KeyRecord] = []
         self._signature: tuple[int, int, int] | None = None
         self._checked_at = float("-inf")
+        self._failing = False
         self._maybe_reload(force=True)
 
     def _maybe_reload(self, force: bool = False) -> None:
@@ -156,11 +188,15 @@ class KeyStore:
                 self._records = _read(self.path)
                 self._signature = signature
                 logger.info("loaded %d API keys from %s", len(self._records), self.path)
-        except (OSError, ValueError, TypeError) as exc:
-            if self._records or self._signature is not None:
+        except (OSError, ValueError) as exc:
+            # Logged once per failure spell (at start-up too), not at every check.
+            if self._records or self._signature is not None or not self._failing:
+                reason = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
                 logger.error("cannot read API key file %s (%s); rejecting every key until it is fixed",
-                             self.path, type(exc).__name__)
-            self._records, self._signature = [], None
+                             self.path, reason)
+            self._records, self._signature, self._failing = [], None, True
+        else:
+            self._failing = False
 
     def authenticate(self, authorization: str | None) -> KeyRecord:
         key = parse_authorization(authorization)

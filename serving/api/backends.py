@@ -108,6 +108,8 @@ class LLMBackend(_Backend):
             started = ended = False
             try:
                 async for deltas in response:
+                    if isinstance(deltas, APIError):
+                        raise deltas  # the replica's answer for this request (see LLMServer.generate)
                     started = True
                     yield deltas
                 ended = True
@@ -145,9 +147,12 @@ class EmbeddingBackend(_Backend):
 
     async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         try:
-            return await self._handle.embed.remote(texts)
+            result = await self._handle.embed.remote(texts)
         except Exception as exc:
             error = map_ray_error(exc, self.retry_after)
             if error is None:
                 raise
             raise error from None
+        if isinstance(result, APIError):
+            raise result
+        return result

@@ -8,6 +8,7 @@ from serving.api.backends import EmbeddingBackend, LLMBackend
 from serving.api.errors import APIError
 from serving.api.metrics import Metrics
 from serving.api.ratelimit import RateLimiter
+from serving.limits import LIMITS
 
 
 @dataclass(frozen=True)
@@ -17,7 +18,7 @@ class ApiSettings:
     rate_limit_storage: str = "memory://"      # memory:// is per ingress replica; redis://... is shared
     max_request_bytes: int = 2 * 1024 * 1024
     default_max_tokens: int = 256              # chat and predict without max_tokens (completions default to 16)
-    max_prompts_per_request: int = 64
+    max_prompts_per_request: int = LIMITS.prompts
     retry_after_s: int = 1
 
 
@@ -29,6 +30,9 @@ class ApiContext:
     metrics: Metrics
     llm: LLMBackend | None
     embedder: EmbeddingBackend | None
+    # Shutdown: set by Ingress.drain; new requests are then answered 503 while accepted ones finish.
+    draining: bool = False
+    in_flight: int = 0                         # requests (streams until their last byte) being answered
 
     @classmethod
     def create(cls, settings: ApiSettings, llm: LLMBackend | None, embedder: EmbeddingBackend | None) -> ApiContext:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,23 +26,36 @@ from serving.api.backends import LLMBackend
 from serving.api.errors import APIError, bad_request
 from serving.api.metrics import Metrics
 from serving.api.protocol import ChatMessage
-from serving.api.ratelimit import RateLimiter
+from serving.api.ratelimit import RateLimiter, Reservation
+from serving.engine.chat import encode_conversation
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Tokenizing a long text can take a while; above this many characters it runs off the event loop.
-_INLINE_TOKENIZE_CHARS = 8192
+# Text up to this many characters is tokenized on the event loop (microseconds); more goes to the pool.
+_INLINE_TOKENIZE_CHARS = 4096
+# Tokenization and template rendering off the event loop, at most this many at once per ingress replica:
+# a flood of large prompts queues here instead of stalling every stream and health check.
+_TOKENIZER_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
 
-async def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """Token ids of a raw prompt, with the BOS token, as the engine's `encode` does."""
-    if not text:
+async def off_loop(num_chars: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` for work on `num_chars` characters of text: inline when small, else pooled."""
+    if num_chars <= _INLINE_TOKENIZE_CHARS:
+        return fn(*args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, functools.partial(fn, *args, **kwargs))
+
+
+async def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """Token ids of raw prompts, each with the BOS token, as the engine's `encode` does."""
+    if any(not text for text in texts):
         raise bad_request("prompt is empty")
-    if len(text) <= _INLINE_TOKENIZE_CHARS:
-        return tokenizer.encode(text, add_special_tokens=True)
-    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=True)
+
+    def encode() -> list[list[int]]:
+        return [tokenizer.encode(text, add_special_tokens=True) for text in texts]
+
+    return await off_loop(sum(map(len, texts)), encode)
 
 
 async def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
@@ -50,15 +65,11 @@ async def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Cha
         raise bad_request("this model has no chat template; use /v1/completions")
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return await off_loop(sum(len(m["content"]) for m in conversation) + 16 * len(conversation),
+                              encode_conversation, tokenizer, conversation, add_generation_prompt)
     except TemplateError as exc:
         # The template's own message (e.g. roles must alternate) names no content.
         raise bad_request(f"invalid messages: {exc}", "invalid_messages") from None
-    # The template writes the BOS token itself.
-    if len(text) <= _INLINE_TOKENIZE_CHARS:
-        return tokenizer.encode(text, add_special_tokens=False)
-    return await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
 
 
 @dataclass
@@ -122,12 +133,23 @@ class GenerationJob:
         # Per prompt, with prompt_logprobs: its tokens' entries (None for the first), once the prefill is over.
         self.prompt_logprobs: list[list[dict[int, float] | None] | None] = [None] * len(prompts)
         self.request_id = uuid.uuid4().hex
+        self._reservation: Reservation | None = None
+        self._limiter: RateLimiter | None = None
+        self._answered = False
 
     async def admit(self, limiter: RateLimiter) -> None:
-        """Charge the key for the prompt and the most this job can generate (429 when over its limits)."""
+        """Reserve the prompt and the most this job can generate on the key (429 when over its limits);
+        `events` settles the reservation to what the job used when it ends."""
         budget = self.prompt_tokens + (0 if self.score_only else self.n * sum(self.max_tokens))
-        await limiter.acquire(self.key, budget)
+        self._reservation = await limiter.reserve(self.key, budget)
+        self._limiter = limiter
         self.metrics.prompt_tokens.labels(self.llm.info.name, self.key.name).inc(self.prompt_tokens)
+
+    async def _settle(self) -> None:
+        if self._reservation is not None:
+            # No answer (refused, failed, cancelled before the first token): only the request slot.
+            used = self.prompt_tokens + self.completion_tokens if self._answered else 0
+            await self._limiter.settle(self._reservation, used)
 
     @property
     def completion_tokens(self) -> int:
@@ -142,32 +164,37 @@ class GenerationJob:
             self.llm.generate(f"{self.request_id}-{i}", ids, {**self.sampling, "n": self.n, "max_tokens": m})
             for i, (ids, m) in enumerate(zip(self.prompts, self.max_tokens))
         ]
-        async for prompt_index, deltas in _merge(streams):
-            now = time.perf_counter()
-            for delta in deltas:
-                if delta.prompt_logprobs is not None:
-                    self.prompt_logprobs[prompt_index] = delta.prompt_logprobs
-                if self.score_only:
-                    delta = delta._replace(text="", num_tokens=0, token_ids=None, logprobs=None)
-                choice = self.choices[prompt_index * self.n + delta.index]
-                new = delta.num_tokens - choice.num_tokens
-                choice.num_tokens = delta.num_tokens
-                choice.finish_reason = delta.finish_reason
-                choice.text.append(delta.text)
-                if delta.logprobs:
-                    choice.token_ids.extend(delta.token_ids)
-                    choice.logprobs.extend(delta.logprobs)
-                if new > 0:
-                    if last_token_at is None:
-                        self.metrics.ttft.labels(name).observe(now - start)
-                    else:
-                        gap = (now - last_token_at) / new
-                        for _ in range(new):
-                            self.metrics.itl.labels(name).observe(gap)
-                    last_token_at = now
-                    self.metrics.generation_tokens.labels(name, self.key.name).inc(new)
-                yield Event(prompt_index * self.n + delta.index, delta.text, new, delta.finish_reason, prompt_index,
-                            delta.token_ids or [], delta.logprobs or [])
+        try:
+            async with contextlib.aclosing(_merge(streams)) as merged:
+                async for prompt_index, deltas in merged:
+                    self._answered = True
+                    now = time.perf_counter()
+                    for delta in deltas:
+                        if delta.prompt_logprobs is not None:
+                            self.prompt_logprobs[prompt_index] = delta.prompt_logprobs
+                        if self.score_only:
+                            delta = delta._replace(text="", num_tokens=0, token_ids=None, logprobs=None)
+                        choice = self.choices[prompt_index * self.n + delta.index]
+                        new = delta.num_tokens - choice.num_tokens
+                        choice.num_tokens = delta.num_tokens
+                        choice.finish_reason = delta.finish_reason
+                        choice.text.append(delta.text)
+                        if delta.logprobs:
+                            choice.token_ids.extend(delta.token_ids)
+                            choice.logprobs.extend(delta.logprobs)
+                        if new > 0:
+                            if last_token_at is None:
+                                self.metrics.ttft.labels(name).observe(now - start)
+                            else:
+                                gap = (now - last_token_at) / new
+                                for _ in range(new):
+                                    self.metrics.itl.labels(name).observe(gap)
+                            last_token_at = now
+                            self.metrics.generation_tokens.labels(name, self.key.name).inc(new)
+                        yield Event(prompt_index * self.n + delta.index, delta.text, new, delta.finish_reason,
+                                    prompt_index, delta.token_ids or [], delta.logprobs or [])
+        finally:
+            await self._settle()
 
     async def run(self) -> None:
         """Generate to the end without streaming (the texts accumulate in `choices`)."""

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from serving.api.context import ApiContext
 from serving.api.errors import bad_request
-from serving.api.generation import GenerationJob, encode_text, primed
+from serving.api.generation import GenerationJob, encode_texts, primed
 from serving.api.openai import embed, log_done, sse_response, usage_of
 from serving.api.protocol import PredictChunk, PredictRequest, PredictResponse, Usage
 
@@ -34,7 +34,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
             raise bad_request(f"{len(body.inputs)} inputs in one request; at most "
                               f"{ctx.settings.max_prompts_per_request}")
         p = body.parameters
-        prompts = [await encode_text(llm.info.tokenizer, text) for text in body.inputs]
+        prompts = await encode_texts(llm.info.tokenizer, body.inputs)
         job = GenerationJob(llm, ctx.metrics, request.state.key, prompts, p.max_new_tokens,
                             ctx.settings.default_max_tokens, p.sampling_kwargs(), n=1)
         await job.admit(ctx.limiter)

@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from serving.api.backends import EmbeddingBackend
 from serving.api.context import ApiContext
-from serving.api.errors import APIError, bad_request
-from serving.api.generation import Event, GenerationJob, encode_chat, encode_text, primed
+from serving.api.errors import APIError, bad_request, error_body
+from serving.api.generation import Event, GenerationJob, encode_chat, encode_texts, off_loop, primed
 from serving.api.logprobs import chat_logprobs, completion_logprobs
 from serving.api.protocol import (
     AssistantMessage,
@@ -66,6 +66,11 @@ async def sse_events(payloads: AsyncIterator[str]) -> AsyncIterator[str]:
         logger.warning("stream ended by error %s", exc.code)
         yield f"data: {_json(exc.to_dict())}\n\n"
         return
+    except Exception as exc:  # noqa: BLE001 (the status line is gone: the client learns it from the stream)
+        # The type only: an exception's text can carry request content.
+        logger.error("stream ended by an internal error %s", type(exc).__name__)
+        yield f"data: {_json(error_body(500, 'internal server error', 'internal_error'))}\n\n"
+        return
     yield "data: [DONE]\n\n"
 
 
@@ -77,13 +82,13 @@ async def _prompt_ids(ctx: ApiContext, body: CompletionRequest) -> list[list[int
     prompt = body.prompt
     tokenizer = ctx.llm_for(body.model).info.tokenizer
     if isinstance(prompt, str):
-        return [await encode_text(tokenizer, prompt)]
+        return await encode_texts(tokenizer, [prompt])
     if isinstance(prompt[0], int):
         return [list(prompt)]
     if len(prompt) > ctx.settings.max_prompts_per_request:
         raise bad_request(f"{len(prompt)} prompts in one request; at most {ctx.settings.max_prompts_per_request}")
     if isinstance(prompt[0], str):
-        return [await encode_text(tokenizer, p) for p in prompt]
+        return await encode_texts(tokenizer, prompt)
     return [list(p) for p in prompt]
 
 
@@ -228,10 +233,12 @@ def build_router(ctx: ApiContext) -> APIRouter:
         return EmbeddingResponse(model=embedder.info.name, usage=Usage.of(tokens, 0), data=data)
 
     @router.post("/v1/tokenize")
-    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         llm = ctx.llm_for(body.model)
+        # Tokenizing is work too: it costs the key a request (its tokens are not generated, so not charged).
+        await ctx.limiter.reserve(request.state.key, 0)
         if body.prompt is not None:
-            ids = await encode_text(llm.info.tokenizer, body.prompt)
+            [ids] = await encode_texts(llm.info.tokenizer, [body.prompt])
         else:
             ids = await encode_chat(llm.info.tokenizer, body.messages, body.add_generation_prompt)
         return TokenizeResponse(count=len(ids), max_model_len=llm.info.max_model_len, tokens=ids)
@@ -242,13 +249,19 @@ def build_router(ctx: ApiContext) -> APIRouter:
 async def embed(ctx: ApiContext, embedder: EmbeddingBackend, request: Request,
                 texts: list[str]) -> tuple[np.ndarray, int]:
     """Count, check, charge and embed `texts` (for the embeddings and the predict endpoint)."""
-    counts = [len(ids) for ids in embedder.info.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    encoded = await off_loop(sum(map(len, texts)) + len(texts), embedder.info.tokenizer, texts,
+                             add_special_tokens=True)
+    counts = [len(ids) for ids in encoded["input_ids"]]
     try:
         check_inputs(counts, embedder.info.max_input_tokens)
     except ValueError as exc:
         raise bad_request(str(exc), "invalid_input") from None
-    await ctx.limiter.acquire(request.state.key, sum(counts))
-    vectors, tokens = await embedder.embed(texts)
+    reservation = await ctx.limiter.reserve(request.state.key, sum(counts))
+    try:
+        vectors, tokens = await embedder.embed(texts)
+    except BaseException:
+        await ctx.limiter.settle(reservation, 0)
+        raise
     logger.info("embeddings key=%s inputs=%d tokens=%d", request.state.key.name, len(texts), tokens)
     return vectors, tokens
 

@@ -12,27 +12,46 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from serving.sampling_params import MAX_GUIDED_CHOICES, MAX_LOGIT_BIAS_TOKENS, MAX_LOGPROBS
+from serving.limits import LIMITS
 
-# Mirrors SamplingParams' own bounds so a bad value is a 422 at the door, not a 400 from the engine.
-MAX_N = 16
-MAX_STOP = 16
-MAX_SEED = 2**63 - 1
 
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
+def _valid_unicode(text: str) -> str:
+    # JSON can carry a lone surrogate ("\ud800"); the tokenizer (and the JSON encoder of any reply that
+    # quotes it) cannot take one.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {exc.start}") from None
+    return text
+
+
+def _check_chars(texts: list[str], field: str) -> None:
+    """All of a request's text, bounded before any of it is tokenized or rendered."""
+    total = sum(map(len, texts))
+    if total > LIMITS.text_chars:
+        raise ValueError(f"{field}: {total} characters in one request; at most {LIMITS.text_chars}")
+
+
+# Bounds from the one table (serving/limits.py), so a bad value is a 422 at the door, not work.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Temperature = Annotated[float, Field(ge=0.0, le=LIMITS.temperature, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
-TopK = Annotated[int, Field(ge=-1, description="-1 or 0 disables top-k")]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+TopK = Annotated[int, Field(ge=-1, le=LIMITS.top_k, description="-1 or 0 disables top-k")]
+Seed = Annotated[int, Field(ge=0, le=LIMITS.seed)]
+# No upper bound here: any value over the context window is a 400 naming both counts (GenerationJob), before
+# any work; the engine's own bound (LIMITS.max_tokens) is far above every window.
 MaxTokens = Annotated[int, Field(ge=1)]
-Stop = str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP)]
+StopString = Annotated[Text, Field(min_length=1, max_length=LIMITS.stop_chars)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=LIMITS.stop_strings)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
-NumLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+NumLogprobs = Annotated[int, Field(ge=0, le=LIMITS.logprobs)]
 # OpenAI's shape: token ids as JSON object keys (strings).
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
                            Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]],
-                      Field(max_length=MAX_LOGIT_BIAS_TOKENS)]
+                      Field(max_length=LIMITS.logit_bias_tokens)]
 
 
 class _Strict(BaseModel):
@@ -73,15 +92,15 @@ class SamplingKnobs(_Strict):
 class SamplingFields(SamplingKnobs):
     """What completions and chat share on top of the knobs."""
 
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    n: Annotated[int, Field(ge=1, le=LIMITS.n)] = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's structured-output extension (at most one of them).
     guided_json: dict[str, Any] | str | None = None
-    guided_regex: Annotated[str, Field(min_length=1)] | None = None
-    guided_choice: Annotated[list[Annotated[str, Field(min_length=1)]],
-                             Field(min_length=1, max_length=MAX_GUIDED_CHOICES)] | None = None
+    guided_regex: Annotated[Text, Field(min_length=1, max_length=LIMITS.grammar_chars)] | None = None
+    guided_choice: Annotated[list[Annotated[Text, Field(min_length=1, max_length=LIMITS.grammar_chars)]],
+                             Field(min_length=1, max_length=LIMITS.guided_choices)] | None = None
 
     def guided_decoding(self) -> dict[str, Any] | None:
         """GuidedDecodingParams keyword arguments, or None; APIError 400 when several are given."""
@@ -105,20 +124,21 @@ class SamplingFields(SamplingKnobs):
 
 
 class CompletionRequest(SamplingFields):
-    model: str
+    model: Text
     # A string, a batch of strings, one tokenized prompt or a batch of tokenized prompts (as OpenAI).
-    prompt: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
-        | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-        | Annotated[list[Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]], Field(min_length=1)]
-    )
+    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     # 0 only with echo: score the prompt, generate nothing.
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: NumLogprobs | None = None
     echo: bool = False
-    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=LIMITS.n)] | None = None
     suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> CompletionRequest:
+        prompt = self.prompt
+        _check_chars([prompt] if isinstance(prompt, str) else [p for p in prompt if isinstance(p, str)], "prompt")
+        return self
 
     def unsupported_field(self) -> tuple[str, str] | None:
         if self.suffix:
@@ -134,13 +154,13 @@ class ContentPart(_Strict):
     # Any type parses, so that a non-text part is a 400 naming it rather than a union error.
     model_config = ConfigDict(strict=True, extra="allow")
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
-    name: str | None = None
+    content: Text | list[ContentPart]
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -169,9 +189,12 @@ class ResponseFormat(_Strict):
     json_schema: JsonSchemaFormat | None = None
 
 
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.messages)]
+
+
 class ChatCompletionRequest(SamplingFields):
-    model: str
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    model: Text
+    messages: Messages
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
@@ -185,6 +208,11 @@ class ChatCompletionRequest(SamplingFields):
     function_call: str | dict[str, Any] | None = None
     audio: dict[str, Any] | None = None
     modalities: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> ChatCompletionRequest:
+        _check_chars([m.text() for m in self.messages], "messages")
+        return self
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -223,12 +251,20 @@ class ChatCompletionRequest(SamplingFields):
         return {"json": fmt.json_schema.json_schema}
 
 
+EmbeddingInputs = Annotated[list[Text], Field(min_length=1, max_length=LIMITS.embedding_inputs)]
+
+
 class EmbeddingRequest(_Strict):
-    model: str
-    input: str | Annotated[list[str], Field(min_length=1)]
+    model: Text
+    input: Text | EmbeddingInputs
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self) -> EmbeddingRequest:
+        _check_chars([self.input] if isinstance(self.input, str) else self.input, "input")
+        return self
 
 
 class PredictParameters(SamplingKnobs):
@@ -240,15 +276,20 @@ class PredictParameters(SamplingKnobs):
 class PredictRequest(_Strict):
     """MosaicML style: text inputs for a chat/text model (with `parameters`), or texts to embed."""
 
-    inputs: Annotated[list[str], Field(min_length=1)]
+    inputs: EmbeddingInputs    # a text model takes at most max_prompts_per_request of them
     parameters: PredictParameters = Field(default_factory=PredictParameters)
     stream: bool = False
 
+    @model_validator(mode="after")
+    def _bounded(self) -> PredictRequest:
+        _check_chars(self.inputs, "inputs")
+        return self
+
 
 class TokenizeRequest(_Strict):
-    model: str
-    prompt: str | None = None
-    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    model: Text
+    prompt: Text | None = None
+    messages: Messages | None = None
     # Chat only: append the assistant prefix the model generates after (what /v1/chat/completions does).
     add_generation_prompt: bool = True
 
@@ -256,6 +297,10 @@ class TokenizeRequest(_Strict):
     def _one_of(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of `prompt` or `messages`")
+        if self.prompt is not None:
+            _check_chars([self.prompt], "prompt")
+        else:
+            _check_chars([m.text() for m in self.messages], "messages")
         return self
 
 

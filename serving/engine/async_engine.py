@@ -3,8 +3,10 @@
 Each step runs on one dedicated worker thread, so the event loop keeps serving while the model computes.
 Engine state is only changed between steps, on the event loop's thread: new requests and aborts that
 arrive during a step are applied right after it (an abort while the loop is idle frees blocks at once).
-If a step raises, every in-flight request fails with EngineDeadError (the cause chained) and the engine
-stays dead: later calls raise at once and `check_health` reports it, so no caller ever waits forever.
+A request that makes a step raise fails alone with RequestFailedError (the engine finds it, see
+`LLMEngine._isolate`); the others go on. If a step raises for no request's sake, every in-flight request
+fails with EngineDeadError (the cause chained) and the engine stays dead: later calls raise at once and
+`check_health` reports it, so no caller ever waits forever.
 
 All methods must be called from the event loop's thread.
 """
@@ -20,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from transformers import PreTrainedTokenizerBase
 
 from serving.config import EngineConfig
-from serving.engine.errors import EngineDeadError, EngineStalledError
+from serving.engine.errors import EngineDeadError, EngineStalledError, RequestFailedError
 from serving.engine.llm_engine import EngineStats, LLMEngine
 from serving.engine.sequence import Request
 from serving.outputs import RequestOutput
@@ -112,7 +114,8 @@ class AsyncLLMEngine:
         """Stream a request's outputs (cumulative text plus the delta since the last one) until finished.
 
         Raises ValueError (RequestTooLargeError when it could never fit the KV pool) before the first
-        output for invalid input, and EngineDeadError if the engine loop dies. Closing or cancelling the
+        output for invalid input, RequestFailedError if this request made a step raise, and EngineDeadError
+        if the engine loop dies. Closing or cancelling the
         consumer aborts the request.
         """
         await self.start()
@@ -137,6 +140,8 @@ class AsyncLLMEngine:
                     return
                 if isinstance(item, EngineDeadError):
                     self._raise_if_dead()
+                if isinstance(item, RequestFailedError):
+                    raise item
                 finished = item.finished
                 yield item
         finally:
@@ -186,6 +191,10 @@ class AsyncLLMEngine:
                     queue = self._streams.get(output.request_id)
                     if queue is not None:
                         queue.put_nowait(output)
+                for request_id, failure in self.engine.pop_failures().items():
+                    queue = self._streams.get(request_id)
+                    if queue is not None:
+                        queue.put_nowait(failure)
         except asyncio.CancelledError:
             if self._death is None:
                 self._fail(EngineDeadError("the engine loop was cancelled"))
@@ -203,7 +212,12 @@ class AsyncLLMEngine:
             self.engine.abort_request(request_id)
         pending, self._pending = self._pending, []
         for request in pending:
-            self.engine.add(request)
+            try:
+                self.engine.add(request)
+            except ValueError as error:  # its id is still in use (reused right after an abort mid-step)
+                queue = self._streams.get(request.request_id)
+                if queue is not None:
+                    queue.put_nowait(RequestFailedError(str(error)))
 
     def _fail(self, error: EngineDeadError) -> None:
         self._death = error

@@ -8,7 +8,9 @@ byte-fallback tokens) nothing is emitted, so streamed pieces never split a multi
 
 Stop strings are searched on the decoded text, and the text is cut before the first match. While a request
 streams, a suffix that could still grow into a stop string is held back, so streamed increments always
-concatenate to the final text.
+concatenate to the final text. Both checks cost what the new text costs, not what the whole output does:
+the search starts a stop string's length before the new chunk, and the held-back length is kept by one
+Knuth-Morris-Pratt matcher per stop string, advanced over each new character once.
 """
 from __future__ import annotations
 
@@ -36,7 +38,9 @@ def backend_tokenizer(tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
 class IncrementalDetokenizer:
     __slots__ = (
         "_backend",
+        "_matchers",
         "_max_stop_len",
+        "_num_matched_chars",
         "_num_read",
         "_num_sent_chars",
         "_read_text",
@@ -53,6 +57,8 @@ class IncrementalDetokenizer:
         self._read_text = self._decode(self._window)
         self._stop = stop
         self._max_stop_len = max((len(s) for s in stop), default=0)
+        self._matchers = [_PrefixMatcher(s) for s in stop]
+        self._num_matched_chars = 0   # characters of `text` the matchers have consumed
         self.text = ""
         self._num_sent_chars = 0
 
@@ -109,13 +115,49 @@ class IncrementalDetokenizer:
         return self.text[:self._num_sent_chars]
 
     def _pending_stop_prefix(self) -> int:
-        held = 0
-        for stop in self._stop:
-            for k in range(min(len(stop) - 1, len(self.text)), held, -1):
-                if self.text.endswith(stop[:k]):
-                    held = k
-                    break
-        return held
+        """Length of the longest suffix of the text that is a proper prefix of a stop string."""
+        if not self._matchers:
+            return 0
+        new = self.text[self._num_matched_chars:]
+        self._num_matched_chars = len(self.text)
+        return max(matcher.feed(new) for matcher in self._matchers)
+
+
+class _PrefixMatcher:
+    """Knuth-Morris-Pratt over a growing text: the longest proper prefix of `pattern` the text ends with.
+
+    The text fed never contains the whole pattern (it is cut at a match and then finished), so the state
+    stays below len(pattern); each character costs amortized O(1).
+    """
+
+    __slots__ = ("_failure", "_pattern", "_state")
+
+    def __init__(self, pattern: str):
+        self._pattern = pattern
+        self._state = 0
+        failure = [0] * len(pattern)
+        k = 0
+        for i in range(1, len(pattern)):
+            while k and pattern[i] != pattern[k]:
+                k = failure[k - 1]
+            if pattern[i] == pattern[k]:
+                k += 1
+            failure[i] = k
+        self._failure = failure
+
+    def feed(self, text: str) -> int:
+        pattern, failure, k = self._pattern, self._failure, self._state
+        last = len(pattern) - 1
+        for char in text:
+            while k and (k > last or char != pattern[k]):
+                k = failure[k - 1]
+            if char == pattern[k]:
+                k += 1
+        # A full match cannot be pending; fall back to the longest proper prefix (only on a caller's misuse).
+        if k > last:
+            k = failure[last]
+        self._state = k
+        return k
 
 
 def _common_prefix_len(a: str, b: str) -> int:

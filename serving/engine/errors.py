@@ -12,3 +12,7 @@ class EngineStalledError(RuntimeError):
 
 class RequestTooLargeError(ValueError):
     """The request needs more KV-cache blocks than the whole pool holds, so it could never run."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request made the engine step raise; the engine removed it and serves the others on."""

@@ -16,13 +16,15 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serving.config import EngineConfig
 from serving.engine.block_manager import BlockManager
+from serving.engine.chat import encode_conversation
 from serving.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
-from serving.engine.errors import RequestTooLargeError
+from serving.engine.errors import EngineDeadError, RequestFailedError, RequestTooLargeError
 from serving.engine.guided import GrammarCompiler, new_matcher
-from serving.engine.model_runner import StepPlan
-from serving.engine.scheduler import Scheduler
+from serving.engine.model_runner import StepInputs, StepPlan
+from serving.engine.scheduler import Scheduler, SchedulerOutput
 from serving.engine.sequence import Request, Sequence
-from serving.layers.sampler import Logprobs
+from serving.layers.sampler import Logprobs, SamplerOutput
+from serving.limits import LIMITS
 from serving.models.loader import load_config
 from serving.models.tiny import resolve_model
 from serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -72,30 +74,35 @@ class LLMEngine:
             eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self._requests: dict[str, Request] = {}
+        self._failures: dict[str, RequestFailedError] = {}
+        # Consecutive isolations that blamed one request without any step succeeding (see _isolate).
+        self._unproven_failures = 0
         self.num_steps = 0
 
     # ---- input -------------------------------------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
+        if len(prompt) > LIMITS.text_chars:
+            raise ValueError(f"prompt has {len(prompt)} characters; at most {LIMITS.text_chars}")
+        _check_text(prompt, "prompt")
         return self.tokenizer.encode(prompt, add_special_tokens=True)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation under the model's chat template, ready for the assistant's turn."""
-        if not isinstance(messages, list) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} objects")
+        if not isinstance(messages, list) or not messages or len(messages) > LIMITS.messages:
+            raise ValueError(f"messages must be a list of 1 to {LIMITS.messages} {{'role', 'content'}} objects")
         for i, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
                 raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
             if not isinstance(message.get("content"), str):
                 raise ValueError(f"messages[{i}].content must be a string")
+            _check_text(message["content"], f"messages[{i}].content")
         if not self.tokenizer.chat_template:
             raise ValueError("the model's tokenizer has no chat template")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return encode_conversation(self.tokenizer, messages)
         except TemplateError as exc:
             raise ValueError(f"invalid messages: {exc}") from exc
-        # The template writes the BOS token itself.
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                      stream: bool = False) -> Request:
@@ -117,6 +124,7 @@ class LLMEngine:
             text, token_ids = None, list(prompt)
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        self._check_top_k(params)
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(
@@ -147,6 +155,12 @@ class LLMEngine:
             request.seqs.append(Sequence(request, index, detokenizer, grammar))
         return request
 
+    def _check_top_k(self, params: SamplingParams) -> None:
+        """What SamplingParams cannot know: top_k against this model's vocabulary (token ids: below)."""
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"invalid top_k={params.top_k}: expected -1 (disabled) or at most the vocabulary "
+                             f"size {self.vocab_size}")
+
     def add(self, request: Request) -> None:
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
@@ -175,15 +189,24 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one model step. Returns an output for every streaming request that advanced and for every
-        request that finished."""
+        request that finished. A request that makes the step raise is failed alone (see `_isolate`); collect
+        those with `pop_failures`."""
         batch = self.scheduler.schedule()
         if batch is None:
             if self.scheduler.has_unfinished():
                 # Cannot happen while requests are size-checked; failing beats spinning forever.
                 raise RuntimeError("no waiting request fits the KV-cache pool although nothing is running")
             return []
-        inputs, plan = self.model_runner.prepare(batch)
-        result = self.model_runner.run(inputs).cpu()
+        try:
+            executed = self._execute(batch)
+        except EngineDeadError:
+            raise
+        except Exception as error:  # noqa: BLE001 (attributed to a request below, or re-raised)
+            batch, executed = self._isolate(batch, error)
+            if executed is None:
+                return []
+        self._unproven_failures = 0
+        inputs, plan, result = executed
         sampled = plan.sampled
         token_ids: list[int] = result.token_ids.tolist()
         self.num_steps += 1
@@ -197,8 +220,15 @@ class LLMEngine:
         if sampled and result.logprobs is not None:
             self._record_logprobs(sampled, result.logprobs, token_ids)
         for seq, token_id in zip(sampled, token_ids):
-            self._append_token(seq, token_id)
             request = seq.request
+            if request.request_id not in self._requests:
+                continue
+            try:
+                self._append_token(seq, token_id)
+            except Exception as error:  # noqa: BLE001 (this request's own text handling)
+                self._fail_request(request, error)
+                advanced.pop(request.request_id, None)
+                continue
             if request.first_token_time is None:
                 request.first_token_time = now
             advanced[request.request_id] = request
@@ -208,10 +238,90 @@ class LLMEngine:
             finished = request.finished
             if finished:
                 request.finished_time = now
+            try:
+                output = self._output(request, finished) if finished or request.stream else None
+            except Exception as error:  # noqa: BLE001 (this request's own text handling)
+                self._fail_request(request, error)
+                continue
+            if finished:
                 del self._requests[request.request_id]
-            if finished or request.stream:
-                outputs.append(self._output(request, finished))
+            if output is not None:
+                outputs.append(output)
         return outputs
+
+    def pop_failures(self) -> dict[str, RequestFailedError]:
+        """Requests failed by the steps since the last call (already removed from the engine)."""
+        failures, self._failures = self._failures, {}
+        return failures
+
+    # ---- fault isolation ---------------------------------------------------------------------------------
+
+    def _execute(self, batch: SchedulerOutput) -> tuple[StepInputs, StepPlan, SamplerOutput]:
+        """Prepare and run one step (its results on the host); nothing in the engine's bookkeeping changes
+        until it returned."""
+        inputs, plan = self.model_runner.prepare(batch)
+        return inputs, plan, self.model_runner.run(inputs).cpu()
+
+    def _isolate(self, batch: SchedulerOutput, error: Exception) -> tuple[SchedulerOutput, tuple | None]:
+        """Find the requests that make the step raise, fail them alone, and run the step without them.
+
+        A step only writes KV slots past each sequence's computed tokens and changes no bookkeeping until it
+        returns, so it can be re-run on a subset. The culprit is found by re-running without the newest
+        requests: a binary search for the shortest failing prefix of the batch's requests by arrival; its
+        newest request is the culprit (the prefix before it ran fine). Repeated until the rest runs.
+
+        A failure that no request explains is the engine's own (a device error, an OOM left after freeing):
+        when two requests in a row each failed alone and no step ran in between, the error is re-raised and
+        the caller declares the engine dead.
+        """
+        suspects = sorted({s.request.request_id: s.request for s in batch.seqs}.values(),
+                          key=lambda r: r.arrival_time)
+        logger.warning("engine step failed with %s over %d requests; isolating the cause",
+                       type(error).__name__, len(suspects))
+        proven = False   # some trial ran: the engine itself works
+        remaining, failing = suspects, True
+        executed = None
+        while remaining and failing:
+            lo, hi = 1, len(remaining)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self._trial(_sub_batch(batch, remaining[:mid])) is None:
+                    hi = mid
+                else:
+                    lo, proven = mid + 1, True
+            culprit = remaining[hi - 1]
+            remaining = [r for r in remaining if r is not culprit]
+            if not proven:
+                self._unproven_failures += 1
+                if self._unproven_failures >= 2:
+                    raise error
+            self._fail_request(culprit, error)
+            if remaining:
+                batch = _sub_batch(batch, remaining)
+                executed = self._trial(batch)
+                failing = executed is None
+                proven = proven or not failing
+        if executed is None:
+            batch = _sub_batch(batch, [])
+        return batch, executed
+
+    def _trial(self, batch: SchedulerOutput) -> tuple | None:
+        try:
+            return self._execute(batch)
+        except EngineDeadError:
+            raise
+        except Exception:  # noqa: BLE001 (a trial is expected to fail while the culprit is in it)
+            return None
+
+    def _fail_request(self, request: Request, error: Exception) -> None:
+        logger.warning("request %s failed in the engine step (%s); removed, the engine serves on",
+                       request.request_id, type(error).__name__)
+        self.abort_request(request.request_id)
+        failure = RequestFailedError(
+            f"the engine could not run this request ({type(error).__name__}: {str(error)[:200]}); "
+            "other requests were not affected")
+        failure.__cause__ = error
+        self._failures[request.request_id] = failure
 
     def _append_token(self, seq: Sequence, token_id: int) -> None:
         seq.token_ids.append(token_id)
@@ -290,3 +400,19 @@ def _entries(logprobs: Logprobs, token_ids: list[int], ks: list[int | None]) -> 
             entry.update(zip(top_ids[row][:k], top_lps[row][:k]))
         entries.append(entry)
     return entries
+
+
+def _check_text(text: str, field: str) -> None:
+    """The tokenizer takes valid Unicode only: a lone surrogate (JSON allows "\\ud800") would make it raise."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{field} is not valid Unicode (a lone surrogate at character {exc.start})") from None
+
+
+def _sub_batch(batch: SchedulerOutput, requests: list[Request]) -> SchedulerOutput:
+    """The part of `batch` that belongs to `requests`, in the batch's order (prefill group first)."""
+    keep = {r.request_id for r in requests}
+    rows = [i for i, seq in enumerate(batch.seqs) if seq.request.request_id in keep]
+    return SchedulerOutput(seqs=[batch.seqs[i] for i in rows], num_new_tokens=[batch.num_new_tokens[i] for i in rows],
+                           num_prefill_seqs=sum(1 for i in rows if i < batch.num_prefill_seqs))

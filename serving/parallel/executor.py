@@ -7,6 +7,13 @@ make every rank's logits whole, and the driver's sampler gives the one answer.
 Followers are local processes (offline `LLM`, or a replica outside Ray) or Ray actors placed in the
 replica's placement group (the serving tier). Either way a follower that dies or stops answering makes
 `check_health` raise, so the engine is marked dead and Ray replaces the replica.
+
+Nothing waits unbounded. At start-up each follower checks in on the driver's rendezvous store before the
+group forms; the driver polls for the check-ins and for its followers' liveness, so a follower that dies
+first (say, a script without `if __name__ == "__main__":` under the spawn start method) is an error naming
+its rank and exit code at once, and one that never shows up is an error after `tp_timeout_s`. Between steps
+the followers wait in a collective, which gives up after `tp_timeout_s`: an idle driver sends a keepalive
+message well before that, so an engine can sit idle for any time and still serve.
 """
 from __future__ import annotations
 
@@ -15,7 +22,9 @@ import logging
 import multiprocessing
 import socket
 import threading
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -33,6 +42,23 @@ logger = logging.getLogger(__name__)
 
 _WORKER_JOIN_TIMEOUT_S = 10.0
 FOLLOWER_NAME_PREFIX = "mosaic-tp-follower-"
+# Broadcast by an idle driver so the followers' wait for the next step never reaches the collective timeout.
+_KEEPALIVE = "keepalive"
+_KEEPALIVES_PER_TIMEOUT = 4
+_CHECK_IN_POLL_S = 0.05
+# Starting a follower (spawn, import torch) takes seconds on a busy machine, whatever the collective timeout.
+_MIN_CHECK_IN_S = 120.0
+
+
+def _check_in_key(rank: int) -> str:
+    return f"mosaic/checked-in/{rank}"
+
+
+def rendezvous_store(spec: WorkerSpec, rank: int) -> dist.TCPStore:
+    """The group's rendezvous store at `spec.init_method` (tcp://host:port): rank 0 serves it."""
+    host, _, port = spec.init_method.removeprefix("tcp://").rpartition(":")
+    return dist.TCPStore(host, int(port), spec.config.tensor_parallel_size, is_master=rank == 0,
+                         timeout=timedelta(seconds=spec.config.tp_timeout_s), wait_for_workers=False)
 
 
 @dataclass(frozen=True)
@@ -51,16 +77,21 @@ def rank_device(config: EngineConfig, device_index: int) -> torch.device:
 def follower_main(rank: int, spec: WorkerSpec, device_index: int) -> None:
     """A follower rank: join the group, load its shard, then run every step the driver broadcasts."""
     device = rank_device(spec.config, device_index)
-    init_tensor_parallel(rank, spec.config.tensor_parallel_size, spec.init_method, device)
+    store = rendezvous_store(spec, rank)
+    store.set(_check_in_key(rank), "1")
+    init_tensor_parallel(rank, spec.config.tensor_parallel_size, spec.init_method, device,
+                         spec.config.tp_timeout_s, store)
     try:
         runner = ModelRunner(dataclasses.replace(spec.config, device=str(device)), spec.model_path,
                              spec.max_model_len)
         group = get_cpu_group()
         while True:
-            message: list[StepInputs | None] = [None]
+            message: list[StepInputs | str | None] = [None]
             dist.broadcast_object_list(message, src=0, group=group)
             if message[0] is None:
                 return
+            if message[0] == _KEEPALIVE:
+                continue
             runner.run(message[0])
     finally:
         destroy_tensor_parallel()
@@ -129,11 +160,12 @@ class RayFollowers:
         done, _ = ray.wait(self.runs, num_returns=1, timeout=0)
         if not done:
             return None
+        rank = self.runs.index(done[0]) + 1
         try:
             ray.get(done[0])
-            return "a tensor-parallel worker actor stopped"
+            return f"tensor-parallel worker actor of rank {rank} stopped"
         except Exception as exc:  # noqa: BLE001 - any failure of the actor means the same: this rank is gone
-            return f"a tensor-parallel worker actor died: {type(exc).__name__}"
+            return f"tensor-parallel worker actor of rank {rank} died: {type(exc).__name__}"
 
     def join(self, timeout: float) -> None:
         import ray
@@ -179,17 +211,64 @@ class TensorParallelExecutor:
         use_ray = _inside_ray_actor()
         spec = WorkerSpec(config, model_path, max_model_len,
                           _ray_address() if use_ray else _free_tcp_address())
+        store = rendezvous_store(spec, 0)
         self.followers: Followers = RayFollowers(spec) if use_ray else LocalFollowers(spec)
         self._lock = threading.Lock()
         self._closed = False
-        device = rank_device(config, 0)
-        init_tensor_parallel(0, config.tensor_parallel_size, spec.init_method, device)
-        self.runner = ModelRunner(dataclasses.replace(config, device=str(device)), model_path, max_model_len)
+        self._timeout_s = config.tp_timeout_s
+        try:
+            self._await_check_ins(store, config.tensor_parallel_size)
+            device = rank_device(config, 0)
+            init_tensor_parallel(0, config.tensor_parallel_size, spec.init_method, device, config.tp_timeout_s,
+                                 store)
+            self.runner = ModelRunner(dataclasses.replace(config, device=str(device)), model_path, max_model_len)
+        except EngineDeadError:
+            self.followers.join(0)
+            raise
+        except Exception as error:
+            reason = self.followers.dead_reason()
+            self.followers.join(0)
+            raise EngineDeadError(reason or f"tensor-parallel start-up failed: {error}") from error
         self.model = self.runner.model  # rank 0's shard
         self.num_kv_blocks = self.runner.num_kv_blocks
         self.vocab_size = self.runner.vocab_size
+        self._last_message = time.monotonic()
+        self._stop = threading.Event()
+        threading.Thread(target=self._keep_alive, name="tp-keepalive", daemon=True).start()
         logger.info("tensor parallel: %d ranks (%s followers)", config.tensor_parallel_size,
                     "Ray actor" if use_ray else "process")
+
+    def _await_check_ins(self, store: dist.TCPStore, world_size: int) -> None:
+        """Wait until every follower checked in, failing at once when one dies first."""
+        pending = list(range(1, world_size))
+        limit = max(self._timeout_s, _MIN_CHECK_IN_S)
+        deadline = time.monotonic() + limit
+        while True:
+            pending = [rank for rank in pending if not store.check([_check_in_key(rank)])]
+            if not pending:
+                return
+            reason = self.followers.dead_reason()
+            if reason is not None:
+                raise EngineDeadError(
+                    f"{reason} before joining the tensor-parallel group (under the spawn start method, a "
+                    "script that starts the engine needs an `if __name__ == \"__main__\":` guard)")
+            if time.monotonic() > deadline:
+                raise EngineDeadError(f"tensor-parallel ranks {pending} did not join within {limit:g}s")
+            time.sleep(_CHECK_IN_POLL_S)
+
+    def _keep_alive(self) -> None:
+        interval = self._timeout_s / _KEEPALIVES_PER_TIMEOUT
+        while not self._stop.wait(interval / 2):
+            with self._lock:
+                if self._closed or time.monotonic() - self._last_message < interval:
+                    continue
+                try:
+                    dist.broadcast_object_list([_KEEPALIVE], src=0, group=get_cpu_group())
+                except RuntimeError:
+                    # A follower is gone: check_health (and the next step) report it.
+                    logger.warning("tensor-parallel keepalive failed; a follower is gone")
+                    return
+                self._last_message = time.monotonic()
 
     def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, StepPlan]:
         return self.runner.prepare(batch)
@@ -200,6 +279,7 @@ class TensorParallelExecutor:
         with self._lock:
             try:
                 dist.broadcast_object_list([inputs], src=0, group=get_cpu_group())
+                self._last_message = time.monotonic()
                 return self.runner.run(inputs)
             except RuntimeError as error:
                 raise EngineDeadError(self.followers.dead_reason() or f"a tensor-parallel collective failed: "
@@ -211,6 +291,7 @@ class TensorParallelExecutor:
             raise EngineDeadError(reason)
 
     def shutdown(self) -> None:
+        self._stop.set()
         with self._lock:
             if self._closed:
                 return

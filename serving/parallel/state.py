@@ -26,8 +26,9 @@ def get_tp_rank() -> int:
 
 
 def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: torch.device,
-                         timeout_s: float = 600.0) -> None:
-    """Join the group of `world_size` ranks; every rank calls this with the same `init_method`."""
+                         timeout_s: float = 600.0, store: dist.Store | None = None) -> None:
+    """Join the group of `world_size` ranks; every rank calls this with the same `init_method` (or `store`,
+    a rendezvous store the caller already holds)."""
     global _CPU_GROUP, _THREADS_BEFORE
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -35,8 +36,12 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
     _THREADS_BEFORE = torch.get_num_threads()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
+    if store is not None:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    else:
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
     _CPU_GROUP = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
 
 

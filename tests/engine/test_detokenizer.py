@@ -68,3 +68,30 @@ def test_stop_string_spanning_many_tokens_is_held_back_until_decided(tokenizer):
     detok, pieces, stopped = stream(tokenizer, prompt, output, stop=["beta gamma delta"])
     # Never matched: everything comes out in the end, and nothing was emitted twice.
     assert not stopped and "".join(pieces) == detok.text == " alpha beta gamma"
+
+
+def _held_back_brute_force(text: str, stops: list[str]) -> int:
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])),
+               default=0)
+
+
+def test_held_back_tail_matches_brute_force_on_repetitive_text():
+    """The incremental (KMP) hold-back equals the definition: the longest suffix that starts a stop string.
+    Small alphabets and self-overlapping stops are where a wrong failure function shows."""
+    rng = random.Random(8)
+    for _ in range(300):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 7))) for _ in range(rng.randint(1, 3))]
+        matcher = IncrementalDetokenizer(_FakeBackend(), [], stops)
+        text = ""
+        for _ in range(rng.randint(1, 30)):
+            chunk = "".join(rng.choice("abc") for _ in range(rng.randint(1, 3)))
+            if any(s in text + chunk for s in stops):
+                break
+            text += chunk
+            matcher.text = text
+            assert matcher._pending_stop_prefix() == _held_back_brute_force(text, stops), (text, stops)
+
+
+class _FakeBackend:
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""

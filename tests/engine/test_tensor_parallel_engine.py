@@ -71,3 +71,31 @@ def test_killed_follower_marks_engine_dead(llama_dir: Path) -> None:
         assert time.monotonic() - started < 30
     finally:
         llm.shutdown()
+
+
+def test_idle_group_outlives_the_collective_timeout(llama_dir: Path) -> None:
+    """Followers wait for the next step in a collective that times out; an idle driver keeps them alive."""
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_kv_blocks=64, tp_timeout_s=5.0)
+    try:
+        first = llm.generate([[1, 5, 6]], GREEDY)[0].outputs[0].token_ids
+        time.sleep(12.0)  # well past the 5 s timeout, with no step
+        llm.engine.check_health()
+        assert llm.generate([[1, 5, 6]], GREEDY)[0].outputs[0].token_ids == first
+    finally:
+        llm.shutdown()
+
+
+def test_follower_dying_before_the_rendezvous_is_a_clear_error(llama_dir: Path, tmp_path: Path) -> None:
+    """A script without a main guard under spawn: the follower re-runs it and dies while starting up."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_main_guard.py"
+    script.write_text(f"from serving import LLM\nLLM(model={str(llama_dir)!r}, tensor_parallel_size=2, "
+                      "num_kv_blocks=64)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode != 0
+    assert "tp-rank-1 exited with code 1 before joining the tensor-parallel group" in done.stderr, done.stderr[-2000:]
+    assert time.monotonic() - started < 240

@@ -1,10 +1,13 @@
 """API keys and per-key rate limits on the live stack (keys are added to the stack's key file at run time)."""
 from __future__ import annotations
 
+import math
 import time
 
 import httpx
 import pytest
+
+from serving.api.ratelimit import seconds_until_fits
 
 CHAT = {"model": "tiny-llama-2-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -65,7 +68,8 @@ def test_requests_per_minute_gives_429_with_retry_after(serving_stack):
                            timeout=60) for _ in range(3)]
     assert [r.status_code for r in statuses] == [200, 200, 429]
     refused = statuses[-1]
-    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    # Two requests fill the window; the third fits once the sliding window has dropped one: not at once.
+    assert 2 <= int(refused.headers["Retry-After"]) <= 120
     assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "rpm-2" in refused.json()["error"]["message"]
     # The limit is per key: the stack's main key is not affected.
     assert httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=serving_stack.headers(), json=CHAT,
@@ -78,12 +82,43 @@ def test_tokens_per_minute_counts_prompt_and_max_tokens(serving_stack):
     _wait_for_status(serving_stack.base_url, headers, 200)
     prompt_tokens = httpx.post(f"{serving_stack.base_url}/v1/tokenize", headers=headers, timeout=30,
                                json={"model": CHAT["model"], "messages": CHAT["messages"]}).json()["count"]
-    request = {**CHAT, "max_tokens": 100 - prompt_tokens}  # charges exactly 100 tokens
-    first = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, json=request, timeout=60)
-    second = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, json=request, timeout=60)
-    third = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, json=request, timeout=60)
-    assert (first.status_code, second.status_code, third.status_code) == (200, 200, 429)
-    assert "Retry-After" in third.headers
+    # Reserves 100 tokens, and (ignore_eos) uses every one of them, so settling keeps the charge at 100.
+    request = {**CHAT, "max_tokens": 100 - prompt_tokens, "ignore_eos": True}
+    # More than the key could ever spend in a minute: 400 (no point in waiting), and it costs nothing.
     too_big = httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, timeout=60,
                          json={**CHAT, "max_tokens": 500})
     assert too_big.status_code == 400 and "200 tokens per minute" in too_big.json()["error"]["message"]
+    sent, replies = [], []
+    for _ in range(3):
+        sent.append(time.time())
+        replies.append(httpx.post(f"{serving_stack.base_url}/v1/chat/completions", headers=headers, json=request,
+                                  timeout=60))
+    first, second, third = replies
+    assert (first.status_code, second.status_code, third.status_code) == (200, 200, 429)
+    # Retry-After is when 100 more tokens fit the sliding window, computed here from the send times (the
+    # server reserves within milliseconds of each): "1" would send every client back too early.
+    window = int(sent[2] // 60)
+    previous = 100 * sum(1 for t in sent[:2] if int(t // 60) == window - 1)
+    current = 100 * sum(1 for t in sent[:2] if int(t // 60) == window)
+    to_end = (window + 1) * 60 - sent[2]
+    expected = seconds_until_fits(100, 60, previous, to_end if previous else 0.0, current, to_end + 60)
+    assert abs(int(third.headers["Retry-After"]) - math.ceil(expected)) <= 2, (third.headers["Retry-After"], expected)
+
+
+
+def test_requests_refused_after_reserving_give_their_tokens_back(serving_stack):
+    """A request the replica refuses (before its first token) costs its request slot, not its tokens."""
+    key = serving_stack.add_key("tpm-150", tokens_per_minute=150)
+    headers = {"Authorization": f"Bearer {key}"}
+    _wait_for_status(serving_stack.base_url, headers, 200)
+    request = {"model": CHAT["model"], "prompt": [1, 2, 3, 4], "max_tokens": 96, "ignore_eos": True}
+    for _ in range(2):
+        # top_k beyond the vocabulary passes the door (within the table's bound) and is refused by the engine.
+        bad = httpx.post(f"{serving_stack.base_url}/v1/completions", headers=headers, timeout=60,
+                         json={**request, "top_k": 10**5, "temperature": 1.0})
+        assert bad.status_code == 400 and "top_k" in bad.json()["error"]["message"]
+    good = httpx.post(f"{serving_stack.base_url}/v1/completions", headers=headers, json=request, timeout=60)
+    assert good.status_code == 200, good.text
+    assert good.json()["usage"]["total_tokens"] == 100
+    again = httpx.post(f"{serving_stack.base_url}/v1/completions", headers=headers, json=request, timeout=60)
+    assert again.status_code == 429

@@ -19,7 +19,7 @@ CASES = [
     ("/v1/embeddings", {"model": EMBED, "input": [1, 2]}, 422, "input"),
     (f"/{MODEL}/v1/predict", {"inputs": "not a list"}, 422, "inputs"),
     (f"/{MODEL}/v1/predict", {"inputs": ["x"], "parameters": {"max_new_tokens": "5"}}, 422, "max_new_tokens"),
-    (f"/{MODEL}/v1/predict", {"inputs": ["x"], "parameters": {"n": 2}}, 422, "n"),
+    (f"/{MODEL}/v1/predict", {"inputs": ["x"], "parameters": {"n": 2}}, 422, "parameters.n:"),
     # missing fields
     ("/v1/completions", {"prompt": "x"}, 422, "model"),
     ("/v1/completions", {"model": MODEL}, 422, "prompt"),
@@ -35,16 +35,29 @@ CASES = [
     ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": -0.5}, 422, "temperature"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_p": 0}, 422, "top_p"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": -2}, 422, "top_k"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 422, "n"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 17}, 422, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 0}, 422, "n: Input should be greater"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "n": 17}, 422, "n: Input should be less than or equal to 16"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": -3}, 422, "seed"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": [""]}, 422, "stop"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1e30}, 422, "max_tokens"),
+    # bounds from serving/limits.py, at the door
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 2**70, "temperature": 1}, 422, "top_k"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": ["s"] * 17}, 422, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "stop": "s" * 257}, 422, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "seed": 2**63}, 422, "seed"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "temperature": 2.5}, 422, "temperature"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT * 1025}, 422, "messages"),
+    ("/v1/tokenize", {"model": MODEL, "messages": CHAT * 1025}, 422, "messages"),
+    ("/v1/embeddings", {"model": EMBED, "input": [""] * 2049}, 422, "input"),
+    (f"/{EMBED}/v1/predict", {"inputs": [""] * 2049}, 422, "inputs"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ab" * 300_000, "ab" * 300_000]}, 422, "prompt: 1200000 characters"),
+    # the engine's own bounds (its vocabulary), from the replica
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 10**6, "temperature": 1}, 400, "top_k"),
     (f"/{MODEL}/v1/predict", {"inputs": ["x"], "parameters": {"top_p": 1.5}}, 422, "top_p"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 422, "role"),
     # semantically invalid
     ("/v1/completions", {"model": MODEL, "prompt": ""}, 400, "empty"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "1000000000"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10**9}, 400, "max_tokens is 1000000000"),
     ("/v1/completions", {"model": MODEL, "prompt": [5, 999999], "max_tokens": 2}, 400, "999999"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "assistant", "content": "x"}]}, 400,
      "alternate"),
@@ -92,6 +105,10 @@ def test_over_long_prompt_names_the_counts(client, stream):
 
 
 @pytest.mark.parametrize("raw, status, fragment", [
+    # A lone surrogate is valid JSON but not text: the field is named, nothing reaches a tokenizer.
+    (b'{"model": "tiny-llama-2-chat", "prompt": "a\\ud800b"}', 422, "prompt"),
+    (b'{"model": "tiny-llama-2-chat", "prompt": "x", "stop": ["\\udfff"]}', 422, "stop"),
+    (b'{"model": "\\ud800", "prompt": "x"}', 422, "model"),
     (b'{"model": "tiny-llama-2-chat", "prompt": "x", "temperature": NaN}', 422, "temperature"),
     (b'{"model": "tiny-llama-2-chat", "prompt": "x", "top_p": Infinity}', 422, "top_p"),
     (b'{"model": "tiny-llama-2-chat", "prompt": "x",', 400, "not valid JSON"),

@@ -82,3 +82,24 @@ def test_serve_deploy_config_builds_the_application():
     assert isinstance(app_builder(app.args), Application)
     with pytest.raises(ValueError, match="num_replicas"):
         app_builder({**app.args, "num_replicas": 0})
+
+
+def test_the_app_fails_closed_without_keys():
+    """`serve deploy` (app_builder) and build_app refuse to run without keys unless asked by name."""
+    from ray.serve import Application
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.deployment import app_builder
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "deploy" / "serve_config.yaml").read_text()))
+    (app,) = config.applications
+    args = {k: v for k, v in app.args.items() if k != "api_keys_file"}
+    with pytest.raises(ValueError, match="without authentication"):
+        app_builder(args)
+    assert isinstance(app_builder({**args, "insecure_no_auth": True}), Application)
+
+
+def test_cli_refuses_a_running_cluster_without_keys():
+    """--address: the cluster's proxies keep their own HTTP options, so loopback cannot be promised."""
+    refused = _cli("--address", "127.0.0.1:1", "--host", "127.0.0.1")
+    assert refused.returncode == 2 and "running Ray cluster without API keys" in refused.stderr

@@ -18,6 +18,12 @@ async def _server(model_dir: Path) -> LLMServer:
     return server
 
 
+async def _only_item(stream) -> APIError:
+    items = [item async for item in stream]
+    assert len(items) == 1 and isinstance(items[0], APIError), items
+    return items[0]
+
+
 async def test_admission_bound_errors_abort_and_health(tiny_chat_dir):
     server = await _server(tiny_chat_dir)
     info = await server.model_info()
@@ -31,9 +37,9 @@ async def test_admission_bound_errors_abort_and_health(tiny_chat_dir):
     waiting_first = asyncio.create_task(anext(waiting))
     await asyncio.sleep(0.05)
     assert server.in_flight == 2 == server.capacity
-    with pytest.raises(APIError) as full:
-        await anext(server.generate("c", ids, {"max_tokens": 3}))
-    assert (full.value.status, full.value.code, full.value.retry_after) == (503, "queue_full", 1)
+    # Errors come back as the stream's last item (an exception would be logged by Ray at ERROR).
+    full = await _only_item(server.generate("c", ids, {"max_tokens": 3}))
+    assert (full.status, full.code, full.retry_after) == (503, "queue_full", 1)
 
     # Closing the consumer (what a client disconnect does) aborts the request and frees its blocks.
     await running.aclose()
@@ -44,12 +50,12 @@ async def test_admission_bound_errors_abort_and_health(tiny_chat_dir):
     assert stats["in_flight"] == 0 and stats["num_free_blocks"] == stats["num_total_blocks"] == 64
     assert stats["replica"] == "local"
 
-    with pytest.raises(APIError) as bad:
-        await anext(server.generate("d", ids, {"max_tokens": 3, "temperature": -1.0}))
-    assert bad.value.status == 400 and "temperature" in bad.value.message
-    with pytest.raises(APIError) as too_long:
-        await anext(server.generate("e", ids, {"max_tokens": 5000}))
-    assert too_long.value.status == 400 and "4096" in too_long.value.message
+    bad = await _only_item(server.generate("d", ids, {"max_tokens": 3, "temperature": -1.0}))
+    assert bad.status == 400 and "temperature" in bad.message
+    too_long = await _only_item(server.generate("e", ids, {"max_tokens": 5000}))
+    assert too_long.status == 400 and "4096" in too_long.message
+    top_k = await _only_item(server.generate("g", ids, {"max_tokens": 3, "temperature": 1.0, "top_k": 10**5}))
+    assert top_k.status == 400 and "top_k" in top_k.message and "vocabulary" in top_k.message
     assert (await server.health())["healthy"]
     await server.check_health()
 
@@ -58,9 +64,8 @@ async def test_admission_bound_errors_abort_and_health(tiny_chat_dir):
     assert not health["healthy"] and health["error"] == "EngineDeadError"
     with pytest.raises(Exception, match="shut down"):
         await server.check_health()
-    with pytest.raises(APIError) as dead:
-        await anext(server.generate("f", ids, {"max_tokens": 3}))
-    assert (dead.value.status, dead.value.code) == (503, "replica_unavailable")
+    dead = await _only_item(server.generate("f", ids, {"max_tokens": 3}))
+    assert (dead.status, dead.code) == (503, "replica_unavailable")
 
 
 async def test_busy_streams_travel_in_groups_with_the_same_text(tiny_chat_dir):

@@ -44,24 +44,24 @@ async def test_one_budget_across_two_ingress_replicas(redis_server):
 async def test_fails_open_while_the_store_is_away_then_limits_again(redis_server, caplog):
     limiter = RateLimiter(redis_server.url)
     dave = key(requests_per_minute=2)
-    await limiter.acquire(dave, 1)
-    await limiter.acquire(dave, 1)
+    await limiter.reserve(dave, 1)
+    await limiter.reserve(dave, 1)
     with pytest.raises(APIError):
-        await limiter.acquire(dave, 1)
+        await limiter.reserve(dave, 1)
     redis_server.stop()
     try:
         with caplog.at_level(logging.WARNING, logger="serving.utils.shared_limits"):
             for _ in range(3):
-                await limiter.acquire(dave, 1)  # admitted: no store, no limits
+                await limiter.reserve(dave, 1)  # admitted: no store, no limits
         (warning,) = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
         assert f"redis://127.0.0.1:{redis_server.port}" in warning
     finally:
         redis_server.start()
     # Back: the counters were lost with the store (no persistence), so limits start afresh.
-    await limiter.acquire(dave, 1)
-    await limiter.acquire(dave, 1)
+    await limiter.reserve(dave, 1)
+    await limiter.reserve(dave, 1)
     with pytest.raises(APIError):
-        await limiter.acquire(dave, 1)
+        await limiter.reserve(dave, 1)
 
 
 def test_store_is_named_without_credentials():

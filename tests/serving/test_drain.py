@@ -1,0 +1,125 @@
+"""Drain means drain: Ctrl-C to `mosaic-serve`'s process group while a plain request and a stream are in
+flight. New requests are refused at once, both accepted ones finish whole, and the server exits with nothing
+of its own left running. `mosaic-serve` runs as users run it, with its own Ray instance."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serving.api.auth import add_key
+
+MAX_TOKENS = 160
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_processes(sid: int) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,comm="], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if int(line.split()[1]) == sid]
+
+
+@pytest.mark.slow
+def test_sigint_to_the_group_drains_a_request_and_a_stream(tmp_path: Path):
+    keys = tmp_path / "keys.json"
+    key = add_key(keys, "drain")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    # Its own process group, like a command started from a terminal.
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "--port", str(port), "--api-keys-file", str(keys),
+         "--embedding-model", "none", "--num-cpus-per-replica", "1", "--max-num-seqs", "4",
+         "--graceful-shutdown-timeout", "120"],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(server.stdout), daemon=True)
+    reader.start()
+    base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
+    body = {"model": "tiny-llama-2-chat", "prompt": "Once upon a time", "max_tokens": MAX_TOKENS,
+            "ignore_eos": True, "temperature": 0.0}
+    server_session = None
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, "".join(log)[-3000:]
+            try:
+                if httpx.get(f"{base}/v1/models", headers=headers, timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "".join(log)[-3000:]
+            time.sleep(1)
+        # The server process proper is the supervisor's child, in a session of its own.
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.pid)], capture_output=True, text=True)
+        server_session = int(children.stdout.split()[0])
+
+        results: dict[str, object] = {}
+
+        def plain() -> None:
+            results["plain"] = httpx.post(f"{base}/v1/completions", headers=headers, json=body, timeout=300)
+
+        stream_started = threading.Event()
+
+        def stream() -> None:
+            events = []
+            with httpx.stream("POST", f"{base}/v1/completions", headers=headers, json={**body, "stream": True},
+                              timeout=300) as r:
+                results["stream_status"] = r.status_code
+                for line in r.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        stream_started.set()
+            results["stream"] = events
+
+        threads = [threading.Thread(target=plain), threading.Thread(target=stream)]
+        for t in threads:
+            t.start()
+        assert stream_started.wait(120)
+        os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        # New requests are refused at once while the accepted ones finish.
+        refused = None
+        for _ in range(100):
+            try:
+                r = httpx.post(f"{base}/v1/completions", headers=headers, json={**body, "max_tokens": 1}, timeout=30)
+            except httpx.HTTPError:
+                refused = "closed"
+                break
+            if r.status_code == 503:
+                refused = r
+                break
+            time.sleep(0.1)
+        assert refused == "closed" or (refused.headers.get("Retry-After") and
+                                       refused.json()["error"]["code"] == "shutting_down"), refused
+        for t in threads:
+            t.join(300)
+        plain_reply = results["plain"]
+        assert plain_reply.status_code == 200, plain_reply.text
+        assert plain_reply.json()["usage"]["completion_tokens"] == MAX_TOKENS
+        events = results["stream"]
+        assert results["stream_status"] == 200 and events[-1] == "[DONE]", events[-3:]
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert server.wait(180) == 0, "".join(log)[-3000:]
+        assert "drained: no request in flight" in "".join(log)
+        assert _session_processes(server_session) == []
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        if server_session is not None:
+            for line in _session_processes(server_session):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
