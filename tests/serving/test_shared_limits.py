@@ -22,23 +22,23 @@ async def test_one_budget_across_two_ingress_replicas(redis_server):
     replicas = [RateLimiter(redis_server.url), RateLimiter(redis_server.url)]
     alice = key(requests_per_minute=5)
     for i in range(5):
-        await replicas[i % 2].acquire(alice, 1)
+        await replicas[i % 2].reserve(alice, 1)
     for replica in replicas:  # the 6th is refused whichever replica serves it
         with pytest.raises(APIError) as refused:
-            await replica.acquire(alice, 1)
+            await replica.reserve(alice, 1)
         assert refused.value.status == 429 and refused.value.retry_after >= 1
 
     bob = key(tokens_per_minute=100)
-    await replicas[0].acquire(bob, 60)
+    await replicas[0].reserve(bob, 60)
     with pytest.raises(APIError, match="over its limit of 100 tokens"):
-        await replicas[1].acquire(bob, 41)
-    await replicas[1].acquire(bob, 40)
+        await replicas[1].reserve(bob, 41)
+    await replicas[1].reserve(bob, 40)
 
     # Per replica in memory, the same key gets twice its limit: what the shared store prevents.
     local = [RateLimiter("memory://"), RateLimiter("memory://")]
     carol = key(requests_per_minute=5)
     for i in range(10):
-        await local[i % 2].acquire(carol, 1)
+        await local[i % 2].reserve(carol, 1)
 
 
 async def test_fails_open_while_the_store_is_away_then_limits_again(redis_server, caplog):
