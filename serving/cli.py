@@ -93,6 +93,10 @@ def _serve_parser(prog: str = "mosaic-serve") -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--max-num-seqs", type=int, default=256, help="sequences one replica runs at once")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per replica (default: from free memory)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                   help="auto: the model dtype; int8: quantized per token and KV head (head_dim + 4 bytes each)")
+    p.add_argument("--quantization", default=None, choices=["int8"],
+                   help="int8: weight-only, per output channel, quantized at load time")
     p.add_argument("--num-replicas", type=int, default=1, help="LLM replicas (fixed count)")
     p.add_argument("--min-replicas", type=int, help="autoscale LLM replicas between --min and --max-replicas")
     p.add_argument("--max-replicas", type=int)
@@ -151,7 +155,8 @@ def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
     fields: dict[str, Any] = dict(
         model=args.model, served_model_name=args.served_model_name,
         tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks, num_replicas=args.num_replicas,
+        max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks, kv_cache_dtype=args.kv_cache_dtype,
+        quantization=args.quantization, num_replicas=args.num_replicas,
         llm_num_cpus=llm_cpus, llm_num_gpus=gpus, max_waiting_requests=args.max_waiting_requests,
         embedding_model=args.embedding_model, ingress_num_replicas=args.ingress_replicas,
         api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,

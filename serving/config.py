@@ -22,6 +22,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     attention_backend: str = "auto"       # auto | sdpa | flash_attn | cpu_kernel
+    kv_cache_dtype: str = "auto"          # auto: the model dtype; int8: quantized per token and KV head
+    quantization: str | None = None       # None, or int8: weight-only, per output channel
     served_model_name: str | None = None  # the name clients use; defaults to the model argument
     stall_timeout_s: float = 30.0         # health check fails when work waits this long without a step
     # Tensor parallelism: a collective (and the ranks' rendezvous) that waits this long fails; an idle group
@@ -49,5 +51,7 @@ class EngineConfig:
         need(self.tp_timeout_s > 0, "tp_timeout_s", "a number of seconds > 0")
         need(self.attention_backend in ("auto", "sdpa", "flash_attn", "cpu_kernel"), "attention_backend",
              "auto, sdpa, flash_attn or cpu_kernel")
+        need(self.kv_cache_dtype in ("auto", "int8"), "kv_cache_dtype", "auto or int8")
+        need(self.quantization in (None, "int8"), "quantization", "None or int8")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(2048, self.max_num_seqs)

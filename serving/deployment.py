@@ -74,6 +74,8 @@ class AppConfig(BaseModel):
     block_size: int = 16
     num_kv_blocks: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    quantization: str | None = None
     seed: int = 0
     stall_timeout_s: float = Field(30.0, gt=0)
     # LLM replicas
@@ -154,6 +156,7 @@ class AppConfig(BaseModel):
             max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
             block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
             enable_prefix_caching=self.enable_prefix_caching, seed=self.seed, stall_timeout_s=self.stall_timeout_s,
+            kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization,
         )
 
     def api_settings(self) -> ApiSettings:

@@ -19,12 +19,13 @@ class LLM:
                  max_model_len: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, block_size: int = 16,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 **kwargs) -> None:
+                 kv_cache_dtype: str = "auto", quantization: str | None = None, **kwargs) -> None:
         """Extra keyword arguments go to EngineConfig (device, tokenizer, attention_backend, ...)."""
         self.engine = LLMEngine(EngineConfig(
             model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, block_size=block_size,
-            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching, seed=seed, **kwargs,
+            num_kv_blocks=num_kv_blocks, enable_prefix_caching=enable_prefix_caching, seed=seed,
+            kv_cache_dtype=kv_cache_dtype, quantization=quantization, **kwargs,
         ))
         self._request_ids = itertools.count()
 

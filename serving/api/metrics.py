@@ -29,6 +29,9 @@ _ENGINE_FIELDS = (
     ("prefix_cache_queries", "mosaic_prefix_cache_queries", "counter", "Prefix-cache lookups (see EngineStats)"),
     ("prefix_cache_hits", "mosaic_prefix_cache_hits", "counter", "Prefix-cache hits (see EngineStats)"),
     ("num_steps", "mosaic_engine_steps", "counter", "Engine steps run"),
+    ("kv_bytes_per_token", "mosaic_kv_cache_bytes_per_token", "gauge",
+     "Bytes one cached token takes (keys and values, all layers, one tensor-parallel rank)"),
+    ("kv_capacity_tokens", "mosaic_kv_cache_capacity_tokens", "gauge", "Tokens the KV-cache pool holds"),
     ("in_flight", "mosaic_replica_in_flight_requests", "gauge", "Requests admitted by the replica, not finished"),
 )
 
@@ -54,6 +57,12 @@ class _EngineStatsCollector(Collector):
             rate.add_metric([stats["model"], stats["replica"]],
                             stats.get("prefix_cache_hits", 0) / queries if queries else 0.0)
         yield rate
+        info = GaugeMetricFamily("mosaic_kv_cache_info", "KV-cache storage type (always 1)",
+                                 labels=[*labels, "kv_cache_dtype"])
+        for stats in self.snapshot:
+            if "kv_cache_dtype" in stats:
+                info.add_metric([stats["model"], stats["replica"], stats["kv_cache_dtype"]], 1.0)
+        yield info
 
 
 class Metrics:

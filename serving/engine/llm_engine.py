@@ -47,6 +47,9 @@ class EngineStats:
     prefix_cache_queries: int       # cumulative, in prompt tokens looked up at admission
     prefix_cache_hits: int          # cumulative, in tokens served from the cache
     num_steps: int
+    kv_cache_dtype: str             # auto (the model dtype) or int8
+    kv_bytes_per_token: int         # one cached token's keys and values, all layers, per tensor-parallel rank
+    kv_capacity_tokens: int         # tokens the whole pool holds
 
 
 class LLMEngine:
@@ -384,7 +387,9 @@ class LLMEngine:
             kv_cache_usage=1.0 - bm.num_free_blocks / bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             num_total_blocks=bm.num_blocks, num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
-            num_steps=self.num_steps,
+            num_steps=self.num_steps, kv_cache_dtype=self.config.kv_cache_dtype,
+            kv_bytes_per_token=self.model_runner.kv_pool.bytes_per_token,
+            kv_capacity_tokens=self.model_runner.kv_pool.capacity_tokens,
         )
 
 

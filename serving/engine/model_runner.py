@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from serving.config import EngineConfig
+from serving.engine import kv_cache
 from serving.engine.guided import fill_bitmask
 from serving.engine.scheduler import SchedulerOutput
 from serving.engine.sequence import Sequence
@@ -99,7 +100,7 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.attention_backend, backend = select_backend(config.attention_backend, self.device, self.dtype,
-                                                         config.block_size)
+                                                         config.block_size, config.kv_cache_dtype)
         for layer in layers:
             layer.backend = backend
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks(layers, max_model_len)
@@ -108,16 +109,11 @@ class ModelRunner:
             agreed = torch.tensor([self.num_kv_blocks])
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=get_cpu_group())
             self.num_kv_blocks = int(agreed)
-        # One allocation for every layer's keys and values; each layer gets views. Zeroed, because the
-        # attention gathers whole blocks and masks the unused slots: garbage there could be NaN.
-        self.kv_cache = torch.zeros(
-            2, len(layers), self.num_kv_blocks, self.block_size, layers[0].num_kv_heads, layers[0].head_dim,
-            dtype=self.dtype, device=self.device,
-        )
-        for i, layer in enumerate(layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB) on %s", self.num_kv_blocks, self.block_size,
-                    self.kv_cache.numel() * self.kv_cache.element_size() / 2**20, self.device)
+        self.kv_pool = kv_cache.allocate(layers, self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
+                                          self.dtype, self.device)
+        logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token (%.1f MiB) on %s",
+                    self.num_kv_blocks, self.block_size, config.kv_cache_dtype, self.kv_pool.bytes_per_token,
+                    self.kv_pool.nbytes / 2**20, self.device)
 
     def check_health(self) -> None:
         """A single rank has no followers that could be lost (see TensorParallelExecutor)."""
@@ -127,8 +123,8 @@ class ModelRunner:
 
     def _default_num_kv_blocks(self, layers: list[Attention], max_model_len: int) -> int:
         """A share of free memory, but no more than max_num_seqs full-length sequences could ever use."""
-        bytes_per_block = (2 * len(layers) * self.block_size * layers[0].num_kv_heads * layers[0].head_dim
-                           * torch.finfo(self.dtype).bits // 8)
+        bytes_per_block = self.block_size * kv_cache.kv_bytes_per_token(
+            len(layers), layers[0].num_kv_heads, layers[0].head_dim, self.config.kv_cache_dtype, self.dtype)
         if self.device.type == "cuda":
             free_bytes, _ = torch.cuda.mem_get_info(self.device)
         else:

@@ -33,8 +33,8 @@ _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 # floating-point mode of the whole process when the library loads.
 _LINK_FLAGS = ("-shared", "-fopenmp")
 
-PagedDecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor, float], None]
+# (out, q, k_cache, v_cache, block_tables, seq_lens, scale, k_params=None, v_params=None)
+PagedDecodeAttention = Callable[..., None]
 
 
 def _cpu_features() -> str:
@@ -79,29 +79,37 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("CPU attention kernel unavailable (%s): using the pure-torch path", exc)
         return None
-    kernel = lib.paged_decode_attention_f32
-    kernel.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
-    kernel.restype = None
+    for name, pointers in (("paged_decode_attention_f32", 6), ("paged_decode_attention_i8", 8)):
+        kernel = getattr(lib, name)
+        kernel.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+        kernel.restype = None
     return lib
 
 
 def paged_decode_attention() -> PagedDecodeAttention | None:
-    """The float32 paged decode-attention kernel, or None where it cannot be built here.
+    """The paged decode-attention kernel (float32 queries), or None where it cannot be built here.
 
-    The returned function takes (out, q, k_cache, v_cache, block_tables, seq_lens, scale): out/q
-    [N, H, D], caches [num_blocks, block_size, KVH, D], block_tables [N, max_blocks] int32, seq_lens [N]
-    int32, all contiguous float32/int32 CPU tensors; it writes out in place.
+    The returned function takes (out, q, k_cache, v_cache, block_tables, seq_lens, scale, k_params=None,
+    v_params=None): out/q [N, H, D] float32, caches [num_blocks, block_size, KVH, D] float32, or int8 codes
+    with k/v_params [num_blocks, block_size, KVH, 2] float16 (scale, zero), block_tables [N, max_blocks]
+    int32, seq_lens [N] int32, all contiguous CPU tensors; it writes out in place.
     """
     lib = _library()
     if lib is None:
         return None
-    kernel = lib.paged_decode_attention_f32
 
     def run(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> None:
+            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+            k_params: torch.Tensor | None = None, v_params: torch.Tensor | None = None) -> None:
         num_seqs, num_heads, head_dim = q.shape
-        kernel(out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
-               seq_lens.data_ptr(), num_seqs, num_heads, k_cache.shape[2], head_dim, k_cache.shape[1],
-               block_tables.shape[1], scale, torch.get_num_threads())
+        caches = [k_cache.data_ptr(), v_cache.data_ptr()]
+        if k_params is None:
+            kernel = lib.paged_decode_attention_f32
+        else:
+            kernel = lib.paged_decode_attention_i8
+            caches += [k_params.data_ptr(), v_params.data_ptr()]
+        kernel(out.data_ptr(), q.data_ptr(), *caches, block_tables.data_ptr(), seq_lens.data_ptr(), num_seqs,
+               num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_tables.shape[1], scale,
+               torch.get_num_threads())
 
     return run

@@ -1,12 +1,18 @@
-/* Decode attention over the paged KV cache on CPU, float32: one query token per sequence.
+/* Decode attention over the paged KV cache on CPU, float32 queries: one query token per sequence.
  *
  * Why a kernel: gathering each sequence's blocks into a padded tensor for torch's SDPA reads and writes
  * the whole context once more per layer and step, and SDPA's CPU kernel is built for long queries, not the
  * few query heads per KV head of a decode. This reads every key and value once, straight from its block.
  *
- * Layouts (all contiguous):
- *   out, q        [num_seqs, num_heads, head_dim]
- *   k/v_cache     [num_blocks, block_size, num_kv_heads, head_dim]
+ * Two cache formats, one body (`decode_attention`, specialised by a constant flag the compiler folds):
+ *   float32: k/v_cache [num_blocks, block_size, num_kv_heads, head_dim] float32
+ *   int8:    k/v_cache the same shape in int8 codes, k/v_params [num_blocks, block_size, num_kv_heads, 2]
+ *            float16 bits (scale, zero) with x = scale * code + zero. The int8 kernel reads the codes
+ *            directly (a quarter of the float32 bytes) and never writes dequantized values anywhere:
+ *              q . x       = scale * (q . codes) + zero * sum(q)
+ *              sum_t p_t x = sum_t (p_t * scale_t) codes_t + sum_t p_t * zero_t
+ * Other layouts (all contiguous):
+ *   out, q        [num_seqs, num_heads, head_dim] float32
  *   block_tables  [num_seqs, max_blocks] int32
  *   seq_lens      [num_seqs] int32, >= 1: keys/values visible to each sequence's query
  * Query heads [h * group, (h + 1) * group) share KV head h (grouped-query attention).
@@ -14,11 +20,29 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
-void paged_decode_attention_f32(float *out, const float *q, const float *k_cache, const float *v_cache,
-                                const int32_t *block_tables, const int32_t *seq_lens, int64_t num_seqs,
-                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-                                int64_t max_blocks, float scale, int num_threads) {
+/* IEEE half -> float, without relying on a compiler's _Float16 support; called once per token and head. */
+static inline float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+    uint32_t bits;
+    if (exponent == 0) {                       /* zero or subnormal: mantissa * 2^-24 */
+        const float f = (float)mantissa * 5.9604644775390625e-8f;
+        return sign ? -f : f;
+    }
+    if (exponent == 31) bits = sign | 0x7f800000u | (mantissa << 13);
+    else bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline __attribute__((always_inline)) void decode_attention(
+        const int quantized, float *out, const float *q, const void *k_cache, const void *v_cache,
+        const uint16_t *k_params, const uint16_t *v_params, const int32_t *block_tables,
+        const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+        int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
     const int64_t group = num_heads / num_kv_heads;
     const int64_t slot_stride = num_kv_heads * head_dim;
     const int64_t block_stride = block_size * slot_stride;
@@ -37,6 +61,8 @@ void paged_decode_attention_f32(float *out, const float *q, const float *k_cache
         float *acc = malloc(sizeof(float) * rows * head_dim);
         float *row_max = malloc(sizeof(float) * rows);
         float *row_sum = malloc(sizeof(float) * rows);
+        float *q_sum = malloc(sizeof(float) * rows);               /* int8: sum(q) of each query row */
+        float *zero_acc = malloc(sizeof(float) * rows);            /* int8: sum_t p_t * zero_t */
 
         /* Dynamic: context lengths differ by orders of magnitude between sequences. */
 #pragma omp for schedule(dynamic, 1)
@@ -46,21 +72,45 @@ void paged_decode_attention_f32(float *out, const float *q, const float *k_cache
             const int64_t len = seq_lens[s];
             const int32_t *table = block_tables + s * max_blocks;
             const float *qt = q + (s * num_heads + h0 * group) * head_dim;   /* [rows, head_dim] */
-            for (int64_t r = 0; r < rows; r++) row_max[r] = -INFINITY;
+            for (int64_t r = 0; r < rows; r++) {
+                row_max[r] = -INFINITY;
+                zero_acc[r] = 0.0f;
+                float sum = 0.0f;
+                if (quantized)
+                    for (int64_t d = 0; d < head_dim; d++) sum += qt[r * head_dim + d];
+                q_sum[r] = sum;
+            }
 
             for (int64_t start = 0; start < len; start += block_size) {
-                const float *kb = k_cache + (int64_t)table[start / block_size] * block_stride + h0 * head_dim;
+                const int64_t slot0 = (int64_t)table[start / block_size] * block_size;
                 const int64_t n = len - start < block_size ? len - start : block_size;
                 for (int64_t i = 0; i < n; i++) {
-                    for (int64_t r = 0; r < rows; r++) {
-                        const float *k = kb + i * slot_stride + (r / group) * head_dim;
-                        const float *qr = qt + r * head_dim;
-                        float dot = 0.0f;
+                    const int64_t base = (slot0 + i) * slot_stride + h0 * head_dim;
+                    for (int64_t hh = 0; hh < heads_per_task; hh++) {
+                        float k_scale = 1.0f, k_zero = 0.0f;
+                        if (quantized) {
+                            const uint16_t *p = k_params + ((slot0 + i) * num_kv_heads + h0 + hh) * 2;
+                            k_scale = half_to_float(p[0]);
+                            k_zero = half_to_float(p[1]);
+                        }
+                        for (int64_t g = 0; g < group; g++) {
+                            const int64_t r = hh * group + g;
+                            const float *qr = qt + r * head_dim;
+                            float dot = 0.0f;
+                            if (quantized) {
+                                const int8_t *k = (const int8_t *)k_cache + base + hh * head_dim;
 #pragma omp simd reduction(+ : dot)
-                        for (int64_t d = 0; d < head_dim; d++) dot += qr[d] * k[d];
-                        dot *= scale;
-                        scores[r * len + start + i] = dot;
-                        if (dot > row_max[r]) row_max[r] = dot;
+                                for (int64_t d = 0; d < head_dim; d++) dot += qr[d] * (float)k[d];
+                                dot = k_scale * dot + k_zero * q_sum[r];
+                            } else {
+                                const float *k = (const float *)k_cache + base + hh * head_dim;
+#pragma omp simd reduction(+ : dot)
+                                for (int64_t d = 0; d < head_dim; d++) dot += qr[d] * k[d];
+                            }
+                            dot *= scale;
+                            scores[r * len + start + i] = dot;
+                            if (dot > row_max[r]) row_max[r] = dot;
+                        }
                     }
                 }
             }
@@ -79,15 +129,33 @@ void paged_decode_attention_f32(float *out, const float *q, const float *k_cache
 
             for (int64_t j = 0; j < rows * head_dim; j++) acc[j] = 0.0f;
             for (int64_t start = 0; start < len; start += block_size) {
-                const float *vb = v_cache + (int64_t)table[start / block_size] * block_stride + h0 * head_dim;
+                const int64_t slot0 = (int64_t)table[start / block_size] * block_size;
                 const int64_t n = len - start < block_size ? len - start : block_size;
                 for (int64_t i = 0; i < n; i++) {
-                    for (int64_t r = 0; r < rows; r++) {
-                        const float *v = vb + i * slot_stride + (r / group) * head_dim;
-                        const float p = scores[r * len + start + i];
-                        float *a = acc + r * head_dim;
+                    const int64_t base = (slot0 + i) * slot_stride + h0 * head_dim;
+                    for (int64_t hh = 0; hh < heads_per_task; hh++) {
+                        float v_scale = 1.0f, v_zero = 0.0f;
+                        if (quantized) {
+                            const uint16_t *p = v_params + ((slot0 + i) * num_kv_heads + h0 + hh) * 2;
+                            v_scale = half_to_float(p[0]);
+                            v_zero = half_to_float(p[1]);
+                        }
+                        for (int64_t g = 0; g < group; g++) {
+                            const int64_t r = hh * group + g;
+                            const float p = scores[r * len + start + i];
+                            float *a = acc + r * head_dim;
+                            if (quantized) {
+                                const int8_t *v = (const int8_t *)v_cache + base + hh * head_dim;
+                                const float ps = p * v_scale;
+                                zero_acc[r] += p * v_zero;
 #pragma omp simd
-                        for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
+                                for (int64_t d = 0; d < head_dim; d++) a[d] += ps * (float)v[d];
+                            } else {
+                                const float *v = (const float *)v_cache + base + hh * head_dim;
+#pragma omp simd
+                                for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
+                            }
+                        }
                     }
                 }
             }
@@ -95,12 +163,32 @@ void paged_decode_attention_f32(float *out, const float *q, const float *k_cache
             float *o = out + (s * num_heads + h0 * group) * head_dim;
             for (int64_t r = 0; r < rows; r++) {
                 const float inv = 1.0f / row_sum[r];
-                for (int64_t d = 0; d < head_dim; d++) o[r * head_dim + d] = acc[r * head_dim + d] * inv;
+                for (int64_t d = 0; d < head_dim; d++)
+                    o[r * head_dim + d] = (acc[r * head_dim + d] + zero_acc[r]) * inv;
             }
         }
         free(scores);
         free(acc);
         free(row_max);
         free(row_sum);
+        free(q_sum);
+        free(zero_acc);
     }
+}
+
+void paged_decode_attention_f32(float *out, const float *q, const float *k_cache, const float *v_cache,
+                                const int32_t *block_tables, const int32_t *seq_lens, int64_t num_seqs,
+                                int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
+                                int64_t max_blocks, float scale, int num_threads) {
+    decode_attention(0, out, q, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, num_seqs, num_heads,
+                     num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
+}
+
+void paged_decode_attention_i8(float *out, const float *q, const int8_t *k_cache, const int8_t *v_cache,
+                               const uint16_t *k_params, const uint16_t *v_params, const int32_t *block_tables,
+                               const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads,
+                               int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
+                               float scale, int num_threads) {
+    decode_attention(1, out, q, k_cache, v_cache, k_params, v_params, block_tables, seq_lens, num_seqs,
+                     num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
 }

@@ -4,7 +4,9 @@
 attends over each sequence's cached context. Backends: torch SDPA (CPU, and CUDA without flash-attn),
 flash-attn (CUDA, imported lazily) and, on CPU in float32, SDPA for prefills with a native kernel for
 decodes (serving/kernels). Sequences in the step's "prefill group" may have several query tokens
-(prompt chunks, possibly after a cached prefix); the rest are single-token decodes.
+(prompt chunks, possibly after a cached prefix); the rest are single-token decodes. With an int8 KV cache
+(kv_quant) new entries are quantized as they are written; SDPA dequantizes the blocks it gathers and the
+native kernel reads the int8 codes directly.
 """
 from __future__ import annotations
 
@@ -19,13 +21,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.kernels import PagedDecodeAttention, paged_decode_attention
+from serving.layers import kv_quant
+from serving.layers.kv_quant import QuantizedKV
 from serving.utils.context import AttentionContext, get_context
 
 logger = logging.getLogger(__name__)
 
 
+# One layer's cached keys or values: [num_blocks, block_size, KVH, D] in the model dtype, or int8 with scales.
+KVCache = torch.Tensor | QuantizedKV
+
+
 class AttentionBackend(Protocol):
-    def __call__(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def __call__(self, q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
                  ctx: AttentionContext, scale: float) -> torch.Tensor:
         """q: [T, H, D]; caches: [num_blocks, block_size, KVH, D]. Returns [T, H, D]."""
 
@@ -36,17 +44,18 @@ class AttentionBackend(Protocol):
 _gather_buffers = threading.local()
 
 
-def _gather_context(cache: torch.Tensor, block_tables: torch.Tensor, role: str) -> torch.Tensor:
-    """[num_blocks, bs, KVH, D] gathered by [B, nblk] block tables -> [B, KVH, nblk * bs, D]."""
+def _gather_context(cache: KVCache, block_tables: torch.Tensor, role: str) -> torch.Tensor:
+    """[num_blocks, bs, KVH, D] gathered by [B, nblk] block tables -> [B, KVH, nblk * bs, D], in attention's
+    dtype (an int8 cache is dequantized block by block as it is gathered)."""
     b, nblk = block_tables.shape
     flat = block_tables.reshape(-1)
     pool = _gather_buffers.__dict__
     buffer = pool.get(role)
     if buffer is None or buffer.shape[0] < flat.numel() or buffer.shape[1:] != cache.shape[1:] \
             or buffer.dtype != cache.dtype or buffer.device != cache.device:
-        buffer = pool[role] = cache.new_empty((flat.numel() * 3 // 2 + 1, *cache.shape[1:]))
-    # index_select on the flat table is several times faster than advanced indexing on CPU.
-    gathered = torch.index_select(cache, 0, flat, out=buffer[:flat.numel()])
+        buffer = pool[role] = torch.empty((flat.numel() * 3 // 2 + 1, *cache.shape[1:]), dtype=cache.dtype,
+                                          device=cache.device)
+    gathered = kv_quant.gather(cache, flat, out=buffer[:flat.numel()])
     return gathered.view(b, nblk * cache.shape[1], cache.shape[2], cache.shape[3]).transpose(1, 2)
 
 
@@ -101,7 +110,7 @@ def _sdpa_decode_plan(ctx: AttentionContext, first_seq: int, block_size: int, by
     return tiles
 
 
-def _sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
+def _sdpa_prefill(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache, ctx: AttentionContext,
                   scale: float, out: torch.Tensor) -> None:
     """The prefill group's rows of `out`, one SDPA call per sequence."""
     plans = ctx.derived.get("sdpa_prefill")
@@ -115,13 +124,14 @@ def _sdpa_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         out[rows] = o.squeeze(0).transpose(0, 1)
 
 
-def _sdpa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
+def _sdpa_decode(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache, ctx: AttentionContext,
                  scale: float, out: torch.Tensor) -> None:
     """The decode rows of `out` (one query token each), tile by tile over gathered contexts."""
     kvh = k_cache.shape[2]
     tiles = ctx.derived.get("sdpa_decode")
     if tiles is None:
-        bytes_per_token = 2 * kvh * k_cache.shape[3] * k_cache.element_size()
+        # What a tile holds is the gathered (dequantized) keys and values.
+        bytes_per_token = 2 * kvh * k_cache.shape[3] * k_cache.dtype.itemsize
         tiles = ctx.derived["sdpa_decode"] = _sdpa_decode_plan(ctx, ctx.num_prefill_seqs, k_cache.shape[1],
                                                                bytes_per_token)
     # A decode query per head; fold each KV head's query group into the query-length axis, so GQA
@@ -136,14 +146,13 @@ def _sdpa_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 
 # (q, k_cache, v_cache, ctx, scale, out): writes the decode rows of `out`.
-DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionContext, float, torch.Tensor],
-                           None]
+DecodeAttention = Callable[[torch.Tensor, KVCache, KVCache, AttentionContext, float, torch.Tensor], None]
 
 
 def _prefill_then(decode: DecodeAttention) -> AttentionBackend:
     """A backend that attends the prefill group through SDPA and the decode rows through `decode`."""
 
-    def backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+    def backend(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
                 ctx: AttentionContext, scale: float) -> torch.Tensor:
         out = torch.empty_like(q)
         if ctx.num_prefill_seqs:
@@ -160,12 +169,15 @@ sdpa_backend = _prefill_then(_sdpa_decode)
 
 def cpu_kernel_backend(kernel: PagedDecodeAttention) -> AttentionBackend:
     """Prefill through SDPA (long queries: matrix products pay off), decode rows through the native
-    paged-attention kernel, which reads each cached key and value once, in place (float32 only)."""
+    paged-attention kernel, which reads each cached key and value once, in place: float32 entries, or int8
+    codes with their scales (float32 queries either way)."""
 
-    def decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ctx: AttentionContext,
+    def decode(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache, ctx: AttentionContext,
                scale: float, out: torch.Tensor) -> None:
-        if q.dtype != torch.float32 or not (q.is_contiguous() and k_cache.is_contiguous()
-                                            and v_cache.is_contiguous()):
+        quantized = isinstance(k_cache, QuantizedKV)
+        caches = (k_cache.codes, v_cache.codes, k_cache.params, v_cache.params) if quantized \
+            else (k_cache, v_cache)
+        if q.dtype != torch.float32 or not (q.is_contiguous() and all(c.is_contiguous() for c in caches)):
             raise ValueError("the CPU attention kernel takes contiguous float32 queries and caches")
         rows = ctx.derived.get("kernel_decode")
         if rows is None:
@@ -173,12 +185,12 @@ def cpu_kernel_backend(kernel: PagedDecodeAttention) -> AttentionBackend:
             rows = ctx.derived["kernel_decode"] = (ctx.block_tables[seqs:].contiguous(),
                                                    ctx.seq_lens_k[seqs:].contiguous())
         first = ctx.num_prefill_tokens
-        kernel(out[first:], q[first:], k_cache, v_cache, *rows, scale)
+        kernel(out[first:], q[first:], *caches[:2], *rows, scale, *caches[2:])
 
     return _prefill_then(decode)
 
 
-def flash_attn_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+def flash_attn_backend(q: torch.Tensor, k_cache: KVCache, v_cache: KVCache,
                        ctx: AttentionContext, scale: float) -> torch.Tensor:
     from flash_attn import flash_attn_varlen_func
 
@@ -192,10 +204,11 @@ def flash_attn_backend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
     )
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype,
-                   block_size: int) -> tuple[str, AttentionBackend]:
-    """(name, backend) for a configured name. auto: flash-attn on CUDA when installed and the block size
-    suits its paged kernel; on CPU in float32 the native decode kernel when it builds here; else SDPA."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int,
+                   kv_cache_dtype: str = "auto") -> tuple[str, AttentionBackend]:
+    """(name, backend) for a configured name. auto: flash-attn on CUDA when installed, the block size suits
+    its paged kernel and the KV cache is in the model dtype; on CPU in float32 the native decode kernel when
+    it builds here (float or int8 KV); else SDPA (which dequantizes an int8 cache block by block)."""
     kernel_fits = device.type == "cpu" and dtype == torch.float32
     if name == "cpu_kernel" or (name == "auto" and kernel_fits):
         kernel = paged_decode_attention() if kernel_fits else None
@@ -207,7 +220,14 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype,
     flash_ok = device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
     if name == "flash_attn" and not flash_ok:
         raise ValueError("attention_backend='flash_attn' needs CUDA and the flash-attn package ([gpu] extra)")
+    if name == "flash_attn" and kv_cache_dtype != "auto":
+        # flash-attn's paged kernel reads the cache in the query dtype and has no per-token scales.
+        raise ValueError(f"attention_backend='flash_attn' does not support kv_cache_dtype={kv_cache_dtype!r}: "
+                         "use attention_backend='sdpa' (or 'auto') with an int8 KV cache")
     if name == "sdpa" or not flash_ok:
+        return "sdpa", sdpa_backend
+    if kv_cache_dtype != "auto":
+        logger.info("flash-attn cannot read a %s KV cache; using SDPA", kv_cache_dtype)
         return "sdpa", sdpa_backend
     if block_size % 256:
         # flash-attn's paged varlen kernel takes pages of 256 tokens or multiples.
@@ -226,14 +246,15 @@ class Attention(nn.Module):
         self.scale = scale
         self.num_kv_heads = num_kv_heads
         self.backend: AttentionBackend = sdpa_backend
-        # Assigned by the ModelRunner: views into its one KV allocation, [num_blocks, block_size, KVH, D].
-        self.k_cache = torch.empty(0)
-        self.v_cache = torch.empty(0)
+        # Assigned by the ModelRunner: views into its one KV allocation, [num_blocks, block_size, KVH, D]
+        # in the model dtype, or int8 codes with their scales (QuantizedKV).
+        self.k_cache: KVCache = torch.empty(0)
+        self.v_cache: KVCache = torch.empty(0)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [T, H, D], k/v: [T, KVH, D] -> [T, H * D]."""
         ctx = get_context()
-        self.k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, k)
-        self.v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, ctx.slot_mapping, v)
+        kv_quant.write(self.k_cache, k, ctx.slot_mapping)
+        kv_quant.write(self.v_cache, v, ctx.slot_mapping)
         out = self.backend(q, self.k_cache, self.v_cache, ctx, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)

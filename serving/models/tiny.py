@@ -148,12 +148,21 @@ def build_tokenizer(folder: Path, vocab_size: int = 1000) -> int:
     return len(tokenizer)
 
 
-def write_random_weights(folder: Path, config: dict, seed: int, std: float = 0.02) -> None:
-    """Write a HF-layout safetensors file with weights drawn from a seeded generator."""
+def write_random_weights(folder: Path, config: dict, seed: int, std: float = 0.02,
+                         logit_std: float | None = None) -> None:
+    """Write a HF-layout safetensors file with weights drawn from a seeded generator.
+
+    Random weights give near-uniform next-token distributions. `logit_std` (untied models only) draws the LM
+    head so that logits have about this spread (the final RMSNorm makes the hidden state's norm
+    sqrt(hidden_size)): around 7 the top token typically has probability > 0.5, like a trained model's,
+    which is what checks of quantization quality need.
+    """
     from safetensors.torch import save_file
 
     generator = torch.Generator().manual_seed(seed)
-    tensors = {name: _init(shape, name, generator, std) for name, shape in llama_weight_shapes(config).items()}
+    head_std = std if logit_std is None else logit_std / config["hidden_size"] ** 0.5
+    tensors = {name: _init(shape, name, generator, head_std if name == "lm_head.weight" else std)
+               for name, shape in llama_weight_shapes(config).items()}
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 

@@ -231,6 +231,7 @@ class TensorParallelExecutor:
             raise EngineDeadError(reason or f"tensor-parallel start-up failed: {error}") from error
         self.model = self.runner.model  # rank 0's shard
         self.num_kv_blocks = self.runner.num_kv_blocks
+        self.kv_pool = self.runner.kv_pool  # rank 0's; every rank holds the same blocks of its own heads
         self.vocab_size = self.runner.vocab_size
         self._last_message = time.monotonic()
         self._stop = threading.Event()
