@@ -95,7 +95,7 @@ class ModelRunner:
             # them (magnitudes below 1e-38) to zero does not change results at float32 resolution.
             # A process-wide switch.
             torch.set_flush_denormal(True)
-        self.model = load_model(model_path, self.dtype, self.device)
+        self.model = load_model(model_path, self.dtype, self.device, config.quantization)
         self.vocab_size: int = self.model.config.vocab_size
         self.sampler = Sampler(self.device, config.seed)
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]

@@ -2,7 +2,8 @@
 
 Each parameter carries a ``weight_loader`` that copies only this rank's slice from a checkpoint tensor.
 The checkpoint tensor may be a lazy safetensors slice: indexing it reads just the requested rows or
-columns from disk, so no rank materialises the whole matrix.
+columns from disk, so no rank materialises the whole matrix. After loading, `quantize_int8` can replace a
+layer's weight shard by int8 codes and per-output-channel scales (serving/layers/int8_weights.py).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from serving.layers.int8_weights import int8_linear, quantize_per_channel
 from serving.parallel.state import get_tp_rank, get_tp_world_size
 
 
@@ -46,6 +48,26 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.register_parameter("weight_scale", None)   # set by quantize_int8
+
+    def quantize_int8(self) -> None:
+        """Replace this rank's float weight by int8 codes (still `weight`) and float32 `weight_scale` [N].
+
+        A row-parallel shard holds part of each output row: its scale is the whole row's (a max-reduce over
+        the ranks), so the codes, and the results, are those of the unsharded layer.
+        """
+        weight = self.weight.data
+        absmax = weight.abs().amax(dim=1).float()
+        if self.tp_dim == 1 and self.tp_size > 1:
+            dist.all_reduce(absmax, op=dist.ReduceOp.MAX)
+        codes, scale = quantize_per_channel(weight, absmax)
+        self.weight = nn.Parameter(codes, requires_grad=False)
+        self.weight_scale = nn.Parameter(scale, requires_grad=False)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, bias)
+        return int8_linear(x, self.weight, self.weight_scale, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
         if self.tp_dim is None or param.dim() <= self.tp_dim:
@@ -61,7 +83,7 @@ class ReplicatedLinear(LinearBase):
         super().__init__(input_size, output_size, bias, tp_dim=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -71,7 +93,7 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, divide(output_size, get_tp_world_size()), bias, tp_dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -122,7 +144,7 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Bias only on rank 0, so the all-reduce adds it exactly once.
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.matmul(x, self.bias if self.tp_rank == 0 else None)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y

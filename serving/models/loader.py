@@ -11,6 +11,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, LlamaConfig
 
+from serving.layers.linear import LinearBase
 from serving.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,15 @@ def load_config(path: Path) -> LlamaConfig:
     return config
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+QUANTIZATIONS = (None, "int8")
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device,
+               quantization: str | None = None) -> LlamaForCausalLM:
+    """This rank's shard of the model; quantization="int8" quantizes every linear layer's shard once it is
+    loaded (weight-only; embeddings, LM head and norms stay in `dtype`)."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"invalid quantization={quantization!r}: expected None or int8")
     config = load_config(path)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -46,7 +55,16 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device) -> LlamaFor
     finally:
         torch.set_default_dtype(previous)
     load_weights(model, path)
+    if quantization == "int8":
+        for module in model.modules():
+            if isinstance(module, LinearBase):
+                module.quantize_int8()
     return model.eval()
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of this rank's weights (a tied embedding and LM head counted once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def checkpoint_files(path: Path) -> list[Path]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from serving import LLM, SamplingParams, kernels
+from serving.api.metrics import Metrics
 from serving.cli import _serve_parser, config_from_args
 from serving.config import EngineConfig
 from serving.deployment import AppConfig
@@ -171,3 +172,13 @@ def test_refused_combinations_and_options(monkeypatch):
                                        "--num-gpus-per-replica", "0"])
     engine = AppConfig(**config_from_args(args)).engine_config()
     assert (engine.kv_cache_dtype, engine.quantization) == ("int8", "int8")
+
+
+def test_metrics_export_kv_dtype_bytes_and_capacity(peaked_llama_dir: Path):
+    llm = LLM(model=str(peaked_llama_dir), num_kv_blocks=32, kv_cache_dtype="int8")
+    metrics = Metrics()
+    metrics.set_engine_stats([{"model": "m", "replica": "r0", **vars(llm.engine.stats())}])
+    text = metrics.render()[0].decode()
+    assert 'mosaic_kv_cache_info{kv_cache_dtype="int8",model="m",replica="r0"} 1.0' in text
+    assert 'mosaic_kv_cache_bytes_per_token{model="m",replica="r0"} 320.0' in text
+    assert 'mosaic_kv_cache_capacity_tokens{model="m",replica="r0"} 512.0' in text

@@ -191,7 +191,8 @@ def test_health_and_metrics_need_no_key(serving_stack, client):
     for name in ("mosaic_prompt_tokens_total", "mosaic_generation_tokens_total",
                  "mosaic_time_to_first_token_seconds_count", "mosaic_inter_token_latency_seconds_count",
                  "mosaic_num_waiting_seqs", "mosaic_num_running_seqs", "mosaic_kv_cache_usage_ratio",
-                 "mosaic_preemptions_total", "mosaic_prefix_cache_hit_rate"):
+                 "mosaic_preemptions_total", "mosaic_prefix_cache_hit_rate", "mosaic_kv_cache_bytes_per_token",
+                 "mosaic_kv_cache_capacity_tokens", "mosaic_kv_cache_info"):
         assert name in samples, name
     assert sum(v for _, v in samples["mosaic_generation_tokens_total"]) >= 4
     assert len(samples["mosaic_kv_cache_usage_ratio"]) == 2  # one series per LLM replica
