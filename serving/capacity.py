@@ -27,8 +27,9 @@ KV_CACHE_DTYPES = ("auto", "int8")
 QUANTIZATIONS = (None, "int8")
 # int8 KV entries carry a float16 scale and zero per token and KV head (serving/layers/kv_quant.py).
 INT8_KV_PARAM_BYTES = 4
-# Weight-only int8 keeps one scale per output channel, in the model dtype; embeddings, LM head and norms
-# stay in the model dtype.
+# Weight-only int8 keeps one float32 scale per output channel (serving/layers/int8_weights.py); embeddings,
+# LM head and norms stay in the model dtype.
+INT8_WEIGHT_SCALE_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -119,12 +120,14 @@ def kv_heads_per_rank(shape: ModelShape, tp: int) -> int:
     return max(1, shape.num_kv_heads // tp)
 
 
+def kv_bytes_per_head_token(head_dim: int, kv_cache_dtype: str, dtype_bytes: int) -> int:
+    """One token's key (or value) of one KV head; the engine sizes its pool with this too."""
+    return head_dim + INT8_KV_PARAM_BYTES if kv_cache_dtype == "int8" else head_dim * dtype_bytes
+
+
 def kv_bytes_per_token(shape: ModelShape, d: Deployment) -> int:
     """Bytes one cached token takes on one rank: keys and values of every layer for its KV heads."""
-    if d.kv_cache_dtype == "int8":
-        per_head = shape.head_dim + INT8_KV_PARAM_BYTES
-    else:
-        per_head = shape.head_dim * DTYPE_BYTES[d.dtype]
+    per_head = kv_bytes_per_head_token(shape.head_dim, d.kv_cache_dtype, DTYPE_BYTES[d.dtype])
     return 2 * shape.num_layers * kv_heads_per_rank(shape, d.tensor_parallel_size) * per_head
 
 
@@ -142,7 +145,7 @@ def weight_bytes_per_gpu(shape: ModelShape, d: Deployment) -> int:
     linear_params = shape.num_layers * sum(o * i for o, i in linears)
     if d.quantization == "int8":
         channels = shape.num_layers * sum(o for o, _ in linears)
-        linear_bytes = linear_params + channels * dtype_bytes
+        linear_bytes = linear_params + channels * INT8_WEIGHT_SCALE_BYTES
     else:
         linear_bytes = linear_params * dtype_bytes
     vocab_rows = math.ceil(shape.vocab_size / tp)

@@ -1,53 +1,26 @@
-"""The paged KV cache's memory: bytes per cached token (pure formulas, for the engine and for capacity
-planning) and the one allocation a runner hands out to its attention layers as views.
-
-Sizes are per tensor-parallel rank: each rank holds its own KV heads (at least one; with fewer KV heads than
-ranks they are replicated, as QKVParallelLinear does) for every layer.
+"""The paged KV cache's memory: bytes per cached token and the one allocation a runner hands out to its
+attention layers as views. Sizes are per tensor-parallel rank: each rank holds its own KV heads.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
+from serving.capacity import kv_bytes_per_head_token
 from serving.layers import kv_quant
 from serving.layers.kv_quant import QuantizedKV
 
 if TYPE_CHECKING:
     from serving.layers.attention import Attention
 
-KV_CACHE_DTYPES = ("auto", "int8")
-
-
-def kv_heads_per_rank(num_kv_heads: int, tensor_parallel_size: int) -> int:
-    return max(1, num_kv_heads // tensor_parallel_size)
-
-
-def bytes_per_head_token(head_dim: int, kv_cache_dtype: str, model_dtype: torch.dtype) -> int:
-    """One token's key (or value) of one KV head: head_dim entries, plus scale and zero for int8."""
-    if kv_cache_dtype == "int8":
-        return head_dim + kv_quant.PARAM_BYTES
-    if kv_cache_dtype != "auto":
-        raise ValueError(f"invalid kv_cache_dtype={kv_cache_dtype!r}: expected one of {KV_CACHE_DTYPES}")
-    return head_dim * model_dtype.itemsize
-
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, kv_cache_dtype: str,
                        model_dtype: torch.dtype) -> int:
-    """Bytes one cached token takes: keys and values of every layer, for `num_kv_heads` heads."""
-    return 2 * num_layers * num_kv_heads * bytes_per_head_token(head_dim, kv_cache_dtype, model_dtype)
-
-
-def model_kv_bytes_per_token(model_config: Any, kv_cache_dtype: str, model_dtype: torch.dtype,
-                             tensor_parallel_size: int = 1) -> int:
-    """kv_bytes_per_token of one rank for a Hugging Face Llama config (a transformers config or its dict)."""
-    get = model_config.get if isinstance(model_config, dict) else lambda key, default=None: getattr(
-        model_config, key, default)
-    heads = get("num_attention_heads")
-    head_dim = get("head_dim") or get("hidden_size") // heads
-    kv_heads = kv_heads_per_rank(get("num_key_value_heads") or heads, tensor_parallel_size)
-    return kv_bytes_per_token(get("num_hidden_layers"), kv_heads, head_dim, kv_cache_dtype, model_dtype)
+    """Bytes one cached token takes: keys and values of every layer, for `num_kv_heads` heads (the formula of
+    serving/capacity.py, which plans deployments from a config without building anything)."""
+    return 2 * num_layers * num_kv_heads * kv_bytes_per_head_token(head_dim, kv_cache_dtype, model_dtype.itemsize)
 
 
 @dataclass
@@ -67,7 +40,9 @@ class KVCachePool:
 
     @property
     def nbytes(self) -> int:
-        return self.capacity_tokens * self.bytes_per_token
+        """What the allocation really holds (the tests check bytes_per_token against it)."""
+        tensors = [self.entries] if self.params is None else [self.entries, self.params]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def allocate(layers: list[Attention], num_blocks: int, block_size: int, kv_cache_dtype: str,

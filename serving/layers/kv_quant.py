@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-PARAM_DTYPE = torch.float16
-# Bytes beside each token's int8 vector of one KV head: scale and zero.
-PARAM_BYTES = 2 * 2
+PARAM_DTYPE = torch.float16   # 2 x 2 bytes beside each token's int8 vector of one KV head (capacity.py counts them)
 _LEVELS = 127
 # The smallest normal float16: a constant vector gets this scale, not 0 (which would divide by zero).
 _MIN_SCALE = torch.finfo(PARAM_DTYPE).tiny

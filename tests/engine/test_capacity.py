@@ -48,8 +48,7 @@ def test_weights_kv_bytes_and_pool_match_the_engine(which, tiny_chat_dir, model_
     d = Deployment(dtype="float32", max_num_seqs=max_num_seqs, kv_cache_memory_fraction=0.25)
 
     measured_weights = sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    measured_kv_token = runner.kv_cache.numel() * runner.kv_cache.element_size() // (
-        runner.num_kv_blocks * runner.block_size)
+    measured_kv_token = runner.kv_pool.nbytes // runner.kv_pool.capacity_tokens
     assert weight_bytes_per_gpu(shape, d) == measured_weights
     assert kv_bytes_per_token(shape, d) == measured_kv_token
     assert kv_pool_blocks(FREE_BYTES, shape, d, shape.max_position_embeddings) == runner.num_kv_blocks
@@ -61,7 +60,7 @@ def test_bfloat16_weights_and_kv(tiny_chat_dir, monkeypatch):
     runner = _runner(tiny_chat_dir, monkeypatch, dtype="bfloat16", num_kv_blocks=8)
     shape, d = ModelShape.load(tiny_chat_dir), Deployment(dtype="bfloat16")
     assert weight_bytes_per_gpu(shape, d) == sum(p.numel() * p.element_size() for p in runner.model.parameters())
-    assert kv_bytes_per_token(shape, d) * 8 * 16 == runner.kv_cache.numel() * runner.kv_cache.element_size()
+    assert kv_bytes_per_token(shape, d) * 8 * 16 == runner.kv_pool.nbytes
 
 
 def test_llama2_70b_on_8x80gb():

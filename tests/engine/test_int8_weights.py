@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from serving.capacity import Deployment, ModelShape, weight_bytes_per_gpu
 from serving.layers import int8_weights
 from serving.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
                                    RowParallelLinear)
@@ -82,6 +83,9 @@ def test_model_with_int8_weights(peaked_llama_dir: Path):
     assert {dtypes[n] for n in dtypes if "norm" in n or "embed" in n or "lm_head" in n} == {torch.float32}
     linear_fp32 = sum(p.numel() * 4 for n, p in exact.named_parameters() if n.endswith("proj.weight"))
     assert weight_bytes(exact) - weight_bytes(model) > 0.74 * linear_fp32
+    # The capacity planner's formula is the engine's real allocation.
+    shape = ModelShape.load(peaked_llama_dir)
+    assert weight_bytes(model) == weight_bytes_per_gpu(shape, Deployment(dtype="float32", quantization="int8"))
 
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(3, 1000, (120,), generator=gen).tolist()

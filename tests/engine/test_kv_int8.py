@@ -14,7 +14,6 @@ from serving.api.metrics import Metrics
 from serving.cli import _serve_parser, config_from_args
 from serving.config import EngineConfig
 from serving.deployment import AppConfig
-from serving.engine import kv_cache
 from serving.layers import attention, kv_quant
 from serving.layers.attention import select_backend
 from serving.models.loader import load_model
@@ -108,6 +107,7 @@ def test_engine_greedy_tokens_with_int8_kv_follow_the_float_cache(peaked_llama_d
     # 2 layers x 4 KV heads x (K, V) x (16 int8 + 4 bytes of scale and zero), against 4 x 16 for float32.
     assert (stats.kv_bytes_per_token, exact.engine.stats().kv_bytes_per_token) == (2 * 2 * 4 * (16 + 4),
                                                                                    2 * 2 * 4 * 16 * 4)
+    assert llm.engine.model_runner.kv_pool.nbytes == 256 * 16 * stats.kv_bytes_per_token
     free_running = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     forced = [p + c[:j] for p, c in zip(prompts, continuations) for j in range(len(c))]
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
@@ -142,17 +142,6 @@ def test_pool_holds_more_tokens_in_the_same_memory(peaked_llama_dir: Path, monke
         budget = int((1 << 28) * 0.01)
         assert budget - 16 * stats.kv_bytes_per_token < stats.kv_capacity_tokens * stats.kv_bytes_per_token <= budget
     assert capacity["int8"] / capacity["auto"] == pytest.approx(4 * 16 / (16 + 4), rel=0.02)
-
-
-def test_bytes_per_token_formula_for_planning():
-    llama_70b = {"num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-                 "hidden_size": 8192}
-    fp16 = kv_cache.model_kv_bytes_per_token(llama_70b, "auto", torch.float16)
-    assert fp16 == 2 * 80 * 8 * 128 * 2 == 327680
-    assert kv_cache.model_kv_bytes_per_token(llama_70b, "int8", torch.float16) == 2 * 80 * 8 * 132
-    # Tensor parallelism splits the KV heads; beyond 8 ranks each keeps one (replicated) head.
-    assert kv_cache.model_kv_bytes_per_token(llama_70b, "auto", torch.float16, 4) == fp16 // 4
-    assert kv_cache.model_kv_bytes_per_token(llama_70b, "auto", torch.float16, 16) == fp16 // 8
 
 
 def test_refused_combinations_and_options(monkeypatch):
