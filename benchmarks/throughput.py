@@ -44,7 +44,7 @@ MODEL_100M = {
 }
 
 
-def build_100m(folder: Path, tokenizer_dir: Path) -> Path:
+def build_100m(folder: Path, tokenizer_dir: Path, logit_std: float | None = None) -> Path:
     vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     config = dict(MODEL_100M, vocab_size=vocab)
     folder.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def build_100m(folder: Path, tokenizer_dir: Path) -> Path:
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             (folder / name).write_bytes((tokenizer_dir / name).read_bytes())
-    write_random_weights(folder, config, seed=0)
+    write_random_weights(folder, config, seed=0, logit_std=logit_std)
     return folder
 
 

@@ -38,6 +38,14 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
+/* The (scale, zero) of one cached token's vector of one KV head. */
+static inline void token_params(const uint16_t *params, int64_t slot, int64_t num_kv_heads, int64_t head,
+                                float *scale, float *zero) {
+    const uint16_t *p = params + (slot * num_kv_heads + head) * 2;
+    *scale = half_to_float(p[0]);
+    *zero = half_to_float(p[1]);
+}
+
 static inline __attribute__((always_inline)) void decode_attention(
         const int quantized, float *out, const float *q, const void *k_cache, const void *v_cache,
         const uint16_t *k_params, const uint16_t *v_params, const int32_t *block_tables,
@@ -88,11 +96,7 @@ static inline __attribute__((always_inline)) void decode_attention(
                     const int64_t base = (slot0 + i) * slot_stride + h0 * head_dim;
                     for (int64_t hh = 0; hh < heads_per_task; hh++) {
                         float k_scale = 1.0f, k_zero = 0.0f;
-                        if (quantized) {
-                            const uint16_t *p = k_params + ((slot0 + i) * num_kv_heads + h0 + hh) * 2;
-                            k_scale = half_to_float(p[0]);
-                            k_zero = half_to_float(p[1]);
-                        }
+                        if (quantized) token_params(k_params, slot0 + i, num_kv_heads, h0 + hh, &k_scale, &k_zero);
                         for (int64_t g = 0; g < group; g++) {
                             const int64_t r = hh * group + g;
                             const float *qr = qt + r * head_dim;
@@ -135,11 +139,7 @@ static inline __attribute__((always_inline)) void decode_attention(
                     const int64_t base = (slot0 + i) * slot_stride + h0 * head_dim;
                     for (int64_t hh = 0; hh < heads_per_task; hh++) {
                         float v_scale = 1.0f, v_zero = 0.0f;
-                        if (quantized) {
-                            const uint16_t *p = v_params + ((slot0 + i) * num_kv_heads + h0 + hh) * 2;
-                            v_scale = half_to_float(p[0]);
-                            v_zero = half_to_float(p[1]);
-                        }
+                        if (quantized) token_params(v_params, slot0 + i, num_kv_heads, h0 + hh, &v_scale, &v_zero);
                         for (int64_t g = 0; g < group; g++) {
                             const int64_t r = hh * group + g;
                             const float p = scores[r * len + start + i];
