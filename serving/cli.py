@@ -404,14 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv and argv[0] == "keys":
         return keys_main(argv[1:])
+    if argv and argv[0] == "plan":  # prints and exits: nothing to supervise
+        from serving.plan_cli import plan_main
+
+        return plan_main(argv[1:])
     if os.environ.get(_SERVER_ENV) != "1":
         return _supervise(argv)
     if argv and argv[0] == "dev":
         return dev_main(argv[1:])
-    if argv and argv[0] == "plan":
-        from serving.plan_cli import plan_main
-
-        return plan_main(argv[1:])
     return serve_main(argv)
 
 
