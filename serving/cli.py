@@ -383,7 +383,7 @@ def _supervise(argv: list[str]) -> int:
     flight. In a session of their own they only hear of it from the server, which drains first.
     """
     server = subprocess.Popen([sys.executable, "-m", "serving.cli", *argv], env={**os.environ, _SERVER_ENV: "1"},
-                              start_new_session=True)
+                              start_new_session=True, preexec_fn=_term_on_parent_death)
 
     def forward(signum: int, _frame: Any) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -397,6 +397,15 @@ def _supervise(argv: list[str]) -> int:
         # Nothing of the server's session outlives it (a Ray process it could not stop, say).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def _term_on_parent_death() -> None:
+    """In the server process (before exec): SIGTERM when the supervisor dies, even by SIGKILL (Linux), so
+    the server drains and stops instead of running on unsupervised."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def main(argv: list[str] | None = None) -> int:
