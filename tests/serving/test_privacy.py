@@ -23,12 +23,24 @@ def _files_containing(root: Path, needles: list[bytes]) -> dict[str, list[str]]:
     return hits
 
 
+def _wait_for_key(base: str, key: str) -> None:
+    for _ in range(100):
+        if httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10).status_code == 200:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the new key was not picked up")
+
+
 def test_canary_appears_in_no_log(serving_stack):
     canary = f"CANARY-{uuid.uuid4().hex}"
     fake_key = f"msk-{uuid.uuid4().hex}"
     base, model, embed = serving_stack.base_url, serving_stack.model, serving_stack.embedding_model
+    # A key of its own: the log lines this test looks for can only come from its own requests.
+    name = f"privacy-{uuid.uuid4().hex[:12]}"
+    key = serving_stack.add_key(name)
+    _wait_for_key(base, key)
     completions: list[str] = []
-    with httpx.Client(base_url=base, headers=serving_stack.headers(), timeout=120) as client:
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=120) as client:
         ok = [
             ("/v1/completions", {"model": model, "prompt": f"{canary} once", "max_tokens": 40, "ignore_eos": True}),
             ("/v1/completions", {"model": model, "prompt": [canary, "x"], "max_tokens": 8, "stream": True}),
@@ -65,11 +77,16 @@ def test_canary_appears_in_no_log(serving_stack):
                    json={"model": model, "prompt": canary}, timeout=30)
     assert r.status_code == 401
 
-    needles = [canary.encode(), fake_key.encode(), serving_stack.api_key.encode()]
+    needles = [canary.encode(), fake_key.encode(), key.encode(), serving_stack.api_key.encode()]
     needles += [c.strip().encode() for c in completions if len(c.strip()) >= 24]
-    assert len(needles) >= 4, completions  # the completions are long enough to be searched for
-    time.sleep(2)  # let the replicas' log handlers flush
+    assert len(needles) >= 5, completions  # the completions are long enough to be searched for
     logs = serving_stack.ray_temp_dir
-    # Our own access and generation logs are in there (so the search covers what the app logs).
-    assert _files_containing(logs, [b"/v1/chat/completions 200 key=test", b"completion_tokens=40"])
+    # This test's own access and generation lines reach the files (so the search covers what the app logs,
+    # from these requests): wait for them rather than for a fixed time.
+    markers = [f"/v1/chat/completions 200 key={name}".encode(), f"/v1/tokenize 200 key={name}".encode(),
+               f"key={name} prompts=1 prompt_tokens=".encode(), f"embeddings key={name}".encode()]
+    deadline = time.monotonic() + 60
+    while len(_files_containing(logs, markers)) < len(markers):
+        assert time.monotonic() < deadline, _files_containing(logs, markers)
+        time.sleep(0.5)
     assert _files_containing(logs, needles) == {}
