@@ -10,7 +10,8 @@ key of their own (50k tokens a minute; some kinds are valid requests, and run).
 
 Reported: normal clients' latency p50/p99 and requests/s in each phase and the p99 ratio (goal <= 2), the
 LLM replicas before and after (restarts, goal 0), and every hostile request's status (goal: 4xx, or 503 with
-Retry-After; a valid one may be a 200) and its latency. The machine may be shared: compare the phases of one run, not runs.
+Retry-After; a valid one may be a 200) and its latency. The machine may be shared: compare the phases of one
+run, not runs.
 
     python benchmarks/hostile_load.py                        # 8 normal clients, 2 hostile, 40 s phases
     python benchmarks/hostile_load.py --clients 4 --phase-s 20
@@ -113,7 +114,8 @@ async def phase(base: str, key: str, clients: int, seconds: float, hostile: int,
                                  limits=limits) as client:
         start = time.monotonic()
         await asyncio.gather(*(normal_client(client, until, latencies, errors) for _ in range(clients)),
-                             *(hostile_client(client, until, i * 5, kinds, answers, hostile_key) for i in range(hostile)))
+                             *(hostile_client(client, until, i * 5, kinds, answers, hostile_key)
+                               for i in range(hostile)))
         wall = time.monotonic() - start
     return {"requests": len(latencies), "errors": dict(Counter(errors)), "wall_s": round(wall, 1),
             "requests_per_s": round(len(latencies) / wall, 2), "p50_ms": round(_pct(latencies, 50) * 1e3, 1),

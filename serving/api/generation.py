@@ -34,15 +34,16 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Text up to this many characters is tokenized on the event loop (microseconds); more goes to the pool.
-_INLINE_TOKENIZE_CHARS = 4096
-# Tokenization and template rendering off the event loop, at most this many at once per ingress replica:
-# a flood of large prompts queues here instead of stalling every stream and health check.
+INLINE_TEXT_CHARS = 4096
+# Tokenization, template rendering (and other request-sized work: logprob decoding) off the event loop, at
+# most this many at once per ingress replica: a flood of large prompts queues here instead of stalling every
+# stream and health check.
 _TOKENIZER_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tokenize")
 
 
-async def off_loop(num_chars: int, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """`fn(*args, **kwargs)` for work on `num_chars` characters of text: inline when small, else pooled."""
-    if num_chars <= _INLINE_TOKENIZE_CHARS:
+async def off_loop(small: bool, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)`: inline when the caller knows the work is `small`, else on the bounded pool."""
+    if small:
         return fn(*args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(_TOKENIZER_POOL, functools.partial(fn, *args, **kwargs))
 
@@ -55,7 +56,7 @@ async def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> 
     def encode() -> list[list[int]]:
         return [tokenizer.encode(text, add_special_tokens=True) for text in texts]
 
-    return await off_loop(sum(map(len, texts)), encode)
+    return await off_loop(sum(map(len, texts)) <= INLINE_TEXT_CHARS, encode)
 
 
 async def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
@@ -65,8 +66,9 @@ async def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Cha
         raise bad_request("this model has no chat template; use /v1/completions")
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        return await off_loop(sum(len(m["content"]) for m in conversation) + 16 * len(conversation),
-                              encode_conversation, tokenizer, conversation, add_generation_prompt)
+        size = sum(len(m["content"]) for m in conversation) + 16 * len(conversation)
+        return await off_loop(size <= INLINE_TEXT_CHARS, encode_conversation, tokenizer, conversation,
+                              add_generation_prompt)
     except TemplateError as exc:
         # The template's own message (e.g. roles must alternate) names no content.
         raise bad_request(f"invalid messages: {exc}", "invalid_messages") from None

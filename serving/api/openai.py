@@ -1,7 +1,6 @@
 """OpenAI-compatible endpoints: models, completions, chat completions, embeddings (and tokenize)."""
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -16,7 +15,15 @@ from transformers import PreTrainedTokenizerBase
 from serving.api.backends import EmbeddingBackend
 from serving.api.context import ApiContext
 from serving.api.errors import APIError, bad_request, error_body
-from serving.api.generation import Event, GenerationJob, encode_chat, encode_texts, off_loop, primed
+from serving.api.generation import (
+    INLINE_TEXT_CHARS,
+    Event,
+    GenerationJob,
+    encode_chat,
+    encode_texts,
+    off_loop,
+    primed,
+)
 from serving.api.logprobs import chat_logprobs, completion_logprobs
 from serving.api.protocol import (
     AssistantMessage,
@@ -127,10 +134,10 @@ def build_router(ctx: ApiContext) -> APIRouter:
                 return None
             prompt = prompts[index // body.n]
             if body.echo and first:
-                return await off_loop(completion_logprobs, tokenizer, [], prompt + token_ids,
-                                      job.prompt_logprobs[index // body.n] + entries, 0)
+                return await _logprobs_off_loop(completion_logprobs, tokenizer, [], prompt + token_ids,
+                                                job.prompt_logprobs[index // body.n] + entries, 0)
             history = prompt + job.choices[index].token_ids[:len(job.choices[index].token_ids) - len(token_ids)]
-            return await off_loop(completion_logprobs, tokenizer, history, token_ids, entries, offset)
+            return await _logprobs_off_loop(completion_logprobs, tokenizer, history, token_ids, entries, offset)
 
         if not body.stream:
             await job.run()
@@ -181,8 +188,8 @@ def build_router(ctx: ApiContext) -> APIRouter:
                 return None
             done = job.choices[index].token_ids
             history = prompt + done[:len(done) - len(token_ids)]
-            return ChatLogprobs(content=await off_loop(chat_logprobs, llm.info.tokenizer, history, token_ids,
-                                                       entries, body.top_logprobs or 0))
+            return ChatLogprobs(content=await _logprobs_off_loop(chat_logprobs, llm.info.tokenizer, history,
+                                                                 token_ids, entries, body.top_logprobs or 0))
 
         if not body.stream:
             await job.run()
@@ -249,7 +256,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
 async def embed(ctx: ApiContext, embedder: EmbeddingBackend, request: Request,
                 texts: list[str]) -> tuple[np.ndarray, int]:
     """Count, check, charge and embed `texts` (for the embeddings and the predict endpoint)."""
-    encoded = await off_loop(sum(map(len, texts)) + len(texts), embedder.info.tokenizer, texts,
+    encoded = await off_loop(sum(map(len, texts)) + len(texts) <= INLINE_TEXT_CHARS, embedder.info.tokenizer, texts,
                              add_special_tokens=True)
     counts = [len(ids) for ids in encoded["input_ids"]]
     try:
@@ -282,12 +289,9 @@ def _prompt_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer: 
     return tokenizer.batch_decode(prompts, skip_special_tokens=True)
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn(*args)` inline when its token lists are short, else on a worker thread (request-sized work)."""
-    size = sum(len(a) for a in args if isinstance(a, list))
-    if size <= _INLINE_LOGPROB_TOKENS:
-        return fn(*args)
-    return await asyncio.to_thread(fn, *args)
+async def _logprobs_off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` inline when its token lists are short, else on the ingress's pool (request-sized work)."""
+    return await off_loop(sum(len(a) for a in args if isinstance(a, list)) <= _INLINE_LOGPROB_TOKENS, fn, *args)
 
 
 def usage_of(job: GenerationJob) -> Usage:

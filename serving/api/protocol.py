@@ -126,7 +126,8 @@ class SamplingFields(SamplingKnobs):
 class CompletionRequest(SamplingFields):
     model: Text
     # A string, a batch of strings, one tokenized prompt or a batch of tokenized prompts (as OpenAI).
-    prompt: Text | Annotated[list[Text], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+    prompt: (Text | Annotated[list[Text], Field(min_length=1)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1)])
     # 0 only with echo: score the prompt, generate nothing.
     max_tokens: Annotated[int, Field(ge=0)] | None = 16
     logprobs: NumLogprobs | None = None

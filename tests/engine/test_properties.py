@@ -61,7 +61,8 @@ ACCEPTED: list[str] = []
 
 VALID_IDS = st.lists(st.integers(min_value=0, max_value=999), min_size=1, max_size=40)
 PROMPTS = st.one_of(
-    VALID_IDS, VALID_IDS, st.text(min_size=1, max_size=40), TEXT, st.text(max_size=40), st.lists(st.integers(min_value=-2, max_value=1100), max_size=30),
+    VALID_IDS, VALID_IDS, st.text(min_size=1, max_size=40), TEXT, st.text(max_size=40),
+    st.lists(st.integers(min_value=-2, max_value=1100), max_size=30),
     st.lists(st.integers(), max_size=3), st.just([]), st.just(""), st.integers(), st.none(),
 )
 

@@ -50,7 +50,8 @@ CASES = [
     ("/v1/tokenize", {"model": MODEL, "messages": CHAT * 1025}, 422, "messages"),
     ("/v1/embeddings", {"model": EMBED, "input": [""] * 2049}, 422, "input"),
     (f"/{EMBED}/v1/predict", {"inputs": [""] * 2049}, 422, "inputs"),
-    ("/v1/completions", {"model": MODEL, "prompt": ["ab" * 300_000, "ab" * 300_000]}, 422, "prompt: 1200000 characters"),
+    ("/v1/completions", {"model": MODEL, "prompt": ["ab" * 300_000, "ab" * 300_000]}, 422,
+     "prompt: 1200000 characters"),
     # the engine's own bounds (its vocabulary), from the replica
     ("/v1/completions", {"model": MODEL, "prompt": "x", "top_k": 10**6, "temperature": 1}, 400, "top_k"),
     (f"/{MODEL}/v1/predict", {"inputs": ["x"], "parameters": {"top_p": 1.5}}, 422, "top_p"),
