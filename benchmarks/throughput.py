@@ -44,8 +44,10 @@ MODEL_100M = {
 }
 
 
-def build_100m(folder: Path, tokenizer_dir: Path, logit_std: float | None = None) -> Path:
-    vocab = json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+def build_100m(folder: Path, tokenizer_dir: Path, logit_std: float | None = None,
+               vocab_size: int | None = None) -> Path:
+    """The ~100M model; `vocab_size` (default: the tokenizer's) can be larger: the extra rows decode to ""."""
+    vocab = vocab_size or json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
     config = dict(MODEL_100M, vocab_size=vocab)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))

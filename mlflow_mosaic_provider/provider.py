@@ -24,7 +24,9 @@ from mlflow_mosaic_provider.metrics import start_exporter_once
 
 _logger = logging.getLogger(__name__)
 
-# What the serving tier's sampling takes (OpenAI names plus vLLM's top_k and ignore_eos).
+# What the serving tier's sampling takes (OpenAI names plus vLLM's top_k, ignore_eos, repetition_penalty,
+# min_tokens and guided_*). Not `logprobs`/`top_logprobs`/`echo`: MLflow's response schemas have no place
+# for log-probabilities and would drop them, so asking for them here is a 422, not a silent loss.
 _SAMPLING = frozenset(
     {
         "n",
@@ -38,13 +40,20 @@ _SAMPLING = frozenset(
         "ignore_eos",
         "stream",
         "stream_options",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "min_tokens",
+        "response_format",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
     }
 )
 _CHAT_FIELDS = _SAMPLING | {"messages"}
 _COMPLETION_FIELDS = _SAMPLING | {"prompt"}
 _EMBEDDING_FIELDS = frozenset({"input", "encoding_format"})
-# Values that ask for no change; clients that always send them should not be turned away.
-_NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0}
 _CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
 M = TypeVar("M", bound=BaseModel)
@@ -57,9 +66,6 @@ def upstream_body(payload: BaseModel, supported: frozenset[str]) -> dict[str, An
         raise gateway_error(
             422, "The parameter 'model' is not permitted: the endpoint already defines its model."
         )
-    for name, neutral in _NEUTRAL.items():
-        if body.get(name) == neutral:
-            del body[name]
     unsupported = sorted(set(body) - supported)
     stream_options = body.get("stream_options") or {}
     unsupported += [f"stream_options.{key}" for key in sorted(set(stream_options) - {"include_usage"})]

@@ -89,6 +89,19 @@ class SamplingKnobs(_Strict):
                 "logit_bias": {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None}
 
 
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingFields(SamplingKnobs):
     """What completions and chat share on top of the knobs."""
 
@@ -102,12 +115,23 @@ class SamplingFields(SamplingKnobs):
     guided_choice: Annotated[list[Annotated[Text, Field(min_length=1, max_length=LIMITS.grammar_chars)]],
                              Field(min_length=1, max_length=LIMITS.guided_choices)] | None = None
 
+    # OpenAI's structured output (vLLM takes it on completions too).
+    response_format: ResponseFormat | None = None
+
     def guided_decoding(self) -> dict[str, Any] | None:
         """GuidedDecodingParams keyword arguments, or None; APIError 400 when several are given."""
         given = {name: value for name, value in (("json", self.guided_json), ("regex", self.guided_regex),
                                                   ("choice", self.guided_choice)) if value is not None}
+        fmt = self.response_format
+        if fmt is not None and fmt.type != "text":
+            if fmt.type == "json_schema" and fmt.json_schema is None:
+                raise _conflict("response_format.json_schema")
+            given["response_format"] = {"json": fmt.json_schema.json_schema} if fmt.type == "json_schema" else {
+                "json_object": True}
         if len(given) > 1:
-            raise _conflict(*(f"guided_{name}" for name in given))
+            raise _conflict(*(name if name == "response_format" else f"guided_{name}" for name in given))
+        if "response_format" in given:
+            return given["response_format"]
         return given or None
 
     def unsupported_field(self) -> tuple[str, str] | None:
@@ -177,19 +201,6 @@ class ChatMessage(_Strict):
         return None
 
 
-class JsonSchemaFormat(_Strict):
-    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
-    name: str = "response"
-    description: str | None = None
-    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Strict):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-
-
 Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=LIMITS.messages)]
 
 
@@ -200,7 +211,6 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = None
-    response_format: ResponseFormat | None = None
     # Accepted at their "off" values only (see the module doc).
     tools: list[Any] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -238,18 +248,6 @@ class ChatCompletionRequest(SamplingFields):
             return "top_logprobs", "top_logprobs needs logprobs=true"
         return None
 
-    def guided_decoding(self) -> dict[str, Any] | None:
-        guided = super().guided_decoding()
-        fmt = self.response_format
-        if fmt is None or fmt.type == "text":
-            return guided
-        if guided is not None:
-            raise _conflict("response_format", "guided_*")
-        if fmt.type == "json_object":
-            return {"json_object": True}
-        if fmt.json_schema is None:
-            raise _conflict("response_format.json_schema")
-        return {"json": fmt.json_schema.json_schema}
 
 
 EmbeddingInputs = Annotated[list[Text], Field(min_length=1, max_length=LIMITS.embedding_inputs)]

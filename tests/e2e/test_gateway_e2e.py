@@ -65,6 +65,18 @@ def test_chat_matches_the_serving_api(e2e_gateway, serving_stack):
     assert through["usage"]["completion_tokens"] >= 1
 
 
+def test_structured_output_and_penalties_pass_through_the_gateway(e2e_gateway, serving_stack):
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+              "required": ["colour"], "additionalProperties": False}
+    params = {"messages": MESSAGES, "max_tokens": 24, "presence_penalty": 0.5, "repetition_penalty": 1.2,
+              "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": schema}}, **GREEDY}
+    through = get_deploy_client(e2e_gateway.url).predict(endpoint="llama2-chat", inputs=params)
+    straight = direct(serving_stack, "/v1/chat/completions", {"model": serving_stack.model, **params})
+    content = through["choices"][0]["message"]["content"]
+    assert content == straight["choices"][0]["message"]["content"]
+    assert json.loads(content)["colour"] in ("red", "green", "blue")
+
+
 def test_embeddings_match_the_serving_api(e2e_gateway, serving_stack):
     texts = ["paged attention", "continuous batching"]
     through = get_deploy_client(e2e_gateway.url).predict(endpoint="embeddings", inputs={"input": texts})

@@ -3,6 +3,7 @@ and not) against transformers' log-softmax, echo and prompt logprobs, penalties 
 and unsupported fields answered 400 by name."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import httpx
@@ -14,7 +15,6 @@ import torch
 from serving.models.tiny import resolve_model
 from tests.engine.test_engine import hf_greedy
 from tests.fixtures.checkpoints import hf_model
-from tests.serving.helpers import sse_payloads
 
 ATOL = 1e-4
 PROMPT = "The quick brown fox jumps over the lazy dog because"
@@ -40,6 +40,10 @@ def reference(serving_stack):
     return hf_model(path), AutoTokenizer.from_pretrained(path)
 
 
+def flat(lists) -> list:
+    return list(itertools.chain.from_iterable(lists))
+
+
 @torch.inference_mode()
 def hf_log_softmax(model, ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
@@ -47,8 +51,8 @@ def hf_log_softmax(model, ids: list[int]) -> torch.Tensor:
 
 def test_completion_logprobs_streamed_and_not_equal_transformers(oai, serving_stack, reference):
     model, tokenizer = reference
-    kwargs = dict(model=serving_stack.model, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3,
-                  extra_body={"ignore_eos": True})
+    kwargs = {"model": serving_stack.model, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "logprobs": 3,
+              "extra_body": {"ignore_eos": True}}
     full = oai.completions.create(**kwargs).choices[0]
     lp = full.logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
@@ -66,9 +70,9 @@ def test_completion_logprobs_streamed_and_not_equal_transformers(oai, serving_st
 
     chunks = list(oai.completions.create(**kwargs, stream=True))
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
-    assert sum((s.tokens for s in streamed), []) == lp.tokens
-    assert sum((s.token_logprobs for s in streamed), []) == lp.token_logprobs
-    assert sum((s.text_offset for s in streamed), []) == lp.text_offset
+    assert flat(s.tokens for s in streamed) == lp.tokens
+    assert flat(s.token_logprobs for s in streamed) == lp.token_logprobs
+    assert flat(s.text_offset for s in streamed) == lp.text_offset
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.text
 
 
@@ -96,12 +100,13 @@ def test_echo_scores_the_prompt_like_transformers(client, oai, serving_stack, re
                                          logprobs=1, temperature=0, stream=True))
     streamed = [c.choices[0] for c in chunks if c.choices]
     assert "".join(c.text for c in streamed) == PROMPT
-    assert sum((c.logprobs.token_logprobs for c in streamed if c.logprobs), []) == lp["token_logprobs"]
+    assert flat(c.logprobs.token_logprobs for c in streamed if c.logprobs) == lp["token_logprobs"]
 
 
 def test_chat_logprobs_streamed_and_not(oai, serving_stack):
-    kwargs = dict(model=serving_stack.model, messages=[{"role": "user", "content": "Say something"}],
-                  max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    kwargs = {"model": serving_stack.model, "messages": [{"role": "user", "content": "Say something"}],
+              "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+              "extra_body": {"ignore_eos": True}}
     full = oai.chat.completions.create(**kwargs).choices[0]
     content = full.logprobs.content
     assert len(content) == 5 and "".join(t.token for t in content) == full.message.content
@@ -163,6 +168,9 @@ def test_structured_output(oai, client, serving_stack):
     assert choice["text"] in ("red", "green") and choice["finish_reason"] == "stop"
     regex = client.post("/v1/completions", json={**base, "guided_regex": "[0-9]{2}-[a-c]{3}"}).json()["choices"][0]
     assert regex["finish_reason"] == "stop" and len(regex["text"]) == 6 and regex["text"][2] == "-"
+    schema = {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}}
+    completion = client.post("/v1/completions", json={**base, "max_tokens": 64, "response_format": schema}).json()
+    jsonschema.validate(json.loads(completion["choices"][0]["text"]), SCHEMA)
     for extra, field in [({"guided_regex": "(", }, "guided_decoding.regex"),
                          ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex")]:
         r = client.post("/v1/completions", json={**base, **extra})
