@@ -6,14 +6,14 @@ log-softmax, top-k and bitmask work is as large per token as for the real model.
 random-token prompts (lengths uniform in [16, 256]), each generating up to a number of tokens uniform in
 [16, `--max-output`], EOS ignored; in the same run and on one engine: plain (greedy), `logprobs=5`, and a JSON
 schema with a free string (sampled at temperature 1, seeded, so the string runs to max_tokens rather than
-closing at once), then plain again to bound the drift of a shared machine. Throughput counts the tokens
-actually generated. The grammar's share is the time spent filling bitmasks (timed around `fill_bitmask`).
+closing at once), interleaved for `--rounds` rounds so a shared machine's drift hits all three alike.
+Throughput counts the tokens actually generated. The grammar's share is the time spent filling bitmasks (timed around `fill_bitmask`).
 
 Scoring: `--score-prompts` prompts of `--score-len` tokens through the engine with `prompt_logprobs=0` and
 `max_tokens=1` (what `echo` scoring does), against transformers' forward plus log-softmax over the same
 prompts in batches of `--hf-batch`; prompt tokens per second.
 
-    python benchmarks/api_features.py            # ~5 minutes on 2 cores
+    python benchmarks/api_features.py            # ~10 minutes on 2 quiet cores
     python benchmarks/api_features.py --quick
 """
 from __future__ import annotations
@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import RESULTS_DIR, build_100m, workload
 
 VOCAB = 32000
+# Interleaved, `--rounds` times, so a shared machine's drift hits every kind alike.
+KINDS = ("plain", "logprobs", "json")
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}, "ok": {"type": "boolean"}},
           "required": ["answer", "ok"]}
 
@@ -87,19 +89,17 @@ def bench_features(llm: LLM, args: argparse.Namespace) -> dict:
     timer = BitmaskTimer()
     model_runner.fill_bitmask = timer
     try:
-        runs = [run(llm, requests, kind) for kind in ("plain", "logprobs", "json", "plain")]
+        runs = [run(llm, requests, kind) for _ in range(args.rounds) for kind in KINDS]
     finally:
         model_runner.fill_bitmask = timer._inner
-    plain = [r for r in runs if r["kind"] == "plain"]
-    base = sum(r["tokens_per_s"] for r in plain) / len(plain)
-    json_run = next(r for r in runs if r["kind"] == "json")
-    json_run["bitmask_seconds"] = timer.seconds
-    json_run["bitmask_ms_per_step"] = timer.seconds / max(1, timer.calls) * 1e3
-    json_run["step_ms"] = json_run["seconds"] / json_run["steps"] * 1e3
-    return {"runs": runs, "plain_tokens_per_s_mean": base,
-            "plain_spread": [r["tokens_per_s"] / base for r in plain],
-            "logprobs_vs_plain": next(r for r in runs if r["kind"] == "logprobs")["tokens_per_s"] / base,
-            "json_vs_plain": json_run["tokens_per_s"] / base}
+    mean = {kind: sum(r["tokens_per_s"] for r in runs if r["kind"] == kind) / args.rounds for kind in KINDS}
+    json_runs = [r for r in runs if r["kind"] == "json"]
+    json_seconds = sum(r["seconds"] for r in json_runs)
+    return {"runs": runs, "mean_tokens_per_s": mean,
+            "logprobs_vs_plain": mean["logprobs"] / mean["plain"], "json_vs_plain": mean["json"] / mean["plain"],
+            "bitmask_ms_per_step": timer.seconds / max(1, timer.calls) * 1e3,
+            "json_step_ms": json_seconds / sum(r["steps"] for r in json_runs) * 1e3,
+            "bitmask_share_of_json_time": timer.seconds / json_seconds}
 
 
 @torch.inference_mode()
@@ -136,14 +136,14 @@ def bench_scoring(llm: LLM, path: Path, args: argparse.Namespace) -> dict:
 
 
 def print_table(features: dict, scoring: dict) -> None:
-    print("\n| run | tokens | tokens/s | vs plain (mean of the two plain runs) |")
-    print("| --- | ---: | ---: | ---: |")
-    for r in features["runs"]:
-        print(f"| {r['kind']} | {r['tokens']} | {r['tokens_per_s']:.1f} | "
-              f"{r['tokens_per_s'] / features['plain_tokens_per_s_mean']:.2f}x |")
-    j = next(r for r in features["runs"] if r["kind"] == "json")
-    print(f"\ngrammar bitmask: {j['bitmask_ms_per_step']:.2f} ms per step of {j['step_ms']:.1f} ms "
-          f"({j['bitmask_seconds'] / j['seconds']:.1%} of the JSON run)")
+    mean = features["mean_tokens_per_s"]
+    print("\n| run | tokens/s per round | mean tokens/s | vs plain |")
+    print("| --- | --- | ---: | ---: |")
+    for kind in KINDS:
+        rounds = ", ".join(f"{r['tokens_per_s']:.1f}" for r in features["runs"] if r["kind"] == kind)
+        print(f"| {kind} | {rounds} | {mean[kind]:.1f} | {mean[kind] / mean['plain']:.2f}x |")
+    print(f"\ngrammar bitmask: {features['bitmask_ms_per_step']:.2f} ms per step of "
+          f"{features['json_step_ms']:.1f} ms ({features['bitmask_share_of_json_time']:.1%} of the JSON runs)")
     print("\n| prompt scoring | prompt tokens/s |")
     print("| --- | ---: |")
     print(f"| engine (prompt_logprobs=0, chunked prefill) | {scoring['engine_tokens_per_s']:.0f} |")
@@ -153,10 +153,11 @@ def print_table(features: dict, scoring: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="12 requests, 8 scoring prompts")
-    parser.add_argument("--num-requests", type=int, default=24)
-    parser.add_argument("--max-output", type=int, default=96)
-    parser.add_argument("--score-prompts", type=int, default=16)
+    parser.add_argument("--quick", action="store_true", help="8 requests, 4 scoring prompts, one round")
+    parser.add_argument("--num-requests", type=int, default=16)
+    parser.add_argument("--max-output", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--score-prompts", type=int, default=8)
     parser.add_argument("--score-len", type=int, default=512)
     parser.add_argument("--hf-batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "api_features.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.num_requests, args.score_prompts = 12, 8
+        args.num_requests, args.score_prompts, args.rounds = 8, 4, 1
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = build_100m(Path(tmp) / "llama-100m-32k", resolve_model("tiny-llama-2-chat"), vocab_size=VOCAB)
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     print_table(features, scoring)
     report = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
               "threads": args.threads, "vocab_size": VOCAB, "num_requests": args.num_requests,
-              "max_output": args.max_output, "features": features, "scoring": scoring,
-              "note": "2-core machine shared with other jobs: ratios within one run, plain measured twice"}
+              "max_output": args.max_output, "rounds": args.rounds, "features": features, "scoring": scoring,
+              "note": "2-core machine shared with other jobs: ratios within one run, kinds interleaved"}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {args.output}")

@@ -142,3 +142,16 @@ def test_invalid_fields_are_value_errors(llm):
         llm.generate([[1, 5, 6]], SamplingParams(logit_bias={10**6: 1.0}))
     with pytest.raises(ValueError, match="guided_decoding.regex"):
         llm.generate([[1, 5, 6]], SamplingParams(guided_decoding=GuidedDecodingParams(regex="(unclosed")))
+
+
+def test_prompt_logprobs_survive_preemption(llama_dir: Path, hf):
+    # 20 blocks: three 150-token prompts growing by 40 tokens each cannot all stay; prefills go in 32-token chunks.
+    small = LLM(str(llama_dir), num_kv_blocks=20, max_num_batched_tokens=32)
+    prompts = [random_prompt(150, seed=60 + i) for i in range(3)]
+    outs = small.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, prompt_logprobs=1))
+    assert small.engine.stats().num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        ref = hf_log_softmax(hf, prompt)
+        assert len(out.prompt_logprobs) == len(prompt)
+        for i in range(1, len(prompt)):
+            assert_entry_matches(out.prompt_logprobs[i], prompt[i], ref[i - 1], 1)
