@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from serving.api.errors import bad_request
 from serving.limits import LIMITS
 
 
@@ -120,19 +121,19 @@ class SamplingFields(SamplingKnobs):
 
     def guided_decoding(self) -> dict[str, Any] | None:
         """GuidedDecodingParams keyword arguments, or None; APIError 400 when several are given."""
-        given = {name: value for name, value in (("json", self.guided_json), ("regex", self.guided_regex),
-                                                  ("choice", self.guided_choice)) if value is not None}
+        given = {f"guided_{name}": {name: value} for name, value in
+                 (("json", self.guided_json), ("regex", self.guided_regex), ("choice", self.guided_choice))
+                 if value is not None}
         fmt = self.response_format
-        if fmt is not None and fmt.type != "text":
-            if fmt.type == "json_schema" and fmt.json_schema is None:
-                raise _conflict("response_format.json_schema")
-            given["response_format"] = {"json": fmt.json_schema.json_schema} if fmt.type == "json_schema" else {
-                "json_object": True}
+        if fmt is not None and fmt.type == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise bad_request("response_format.json_schema is required for type json_schema", "invalid_field")
+            given["response_format"] = {"json": fmt.json_schema.json_schema}
         if len(given) > 1:
-            raise _conflict(*(name if name == "response_format" else f"guided_{name}" for name in given))
-        if "response_format" in given:
-            return given["response_format"]
-        return given or None
+            raise bad_request(f"give at most one of {', '.join(given)}", "invalid_field")
+        return next(iter(given.values()), None)
 
     def unsupported_field(self) -> tuple[str, str] | None:
         """(field, why) for the first field set to something this server does not do, else None."""
@@ -301,14 +302,6 @@ class TokenizeRequest(_Strict):
         else:
             _check_chars([m.text() for m in self.messages], "messages")
         return self
-
-
-def _conflict(*fields: str) -> Exception:
-    from serving.api.errors import bad_request
-
-    if len(fields) == 1:
-        return bad_request(f"{fields[0]} is required for this response_format type", "invalid_field")
-    return bad_request(f"give at most one of {', '.join(fields)}", "invalid_field")
 
 
 # ---- responses -------------------------------------------------------------------------------------
