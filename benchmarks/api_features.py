@@ -4,9 +4,10 @@ plain requests, the grammar's per-step overhead, and prompt-logprob scoring spee
 Model: the ~100M-parameter Llama of benchmarks/throughput.py with a Llama-2-sized vocabulary (32000), so the
 log-softmax, top-k and bitmask work is as large per token as for the real model. Workload: `--num-requests`
 random-token prompts (lengths uniform in [16, 256]), each generating up to a number of tokens uniform in
-[16, `--max-output`], EOS ignored; in the same run and on one engine: plain (greedy), `logprobs=5`, and a JSON
-schema with a free string (sampled at temperature 1, seeded, so the string runs to max_tokens rather than
-closing at once), interleaved for `--rounds` rounds so a shared machine's drift hits all three alike.
+[16, `--max-output`], EOS ignored; in the same run and on one engine: plain (greedy), `logprobs=5`, sampled
+(temperature 1) and a JSON schema with a free string (sampled at temperature 1, so the string runs to
+max_tokens rather than closing at once; `sampled` separates the cost of sampling from the grammar's),
+interleaved for `--rounds` rounds so a shared machine's drift hits all kinds alike.
 Throughput counts the tokens actually generated. The grammar's share is the time spent filling bitmasks (timed around `fill_bitmask`).
 
 Scoring: `--score-prompts` prompts of `--score-len` tokens through the engine with `prompt_logprobs=0` and
@@ -38,7 +39,7 @@ from throughput import RESULTS_DIR, build_100m, workload
 
 VOCAB = 32000
 # Interleaved, `--rounds` times, so a shared machine's drift hits every kind alike.
-KINDS = ("plain", "logprobs", "json")
+KINDS = ("plain", "logprobs", "sampled", "json")
 SCHEMA = {"type": "object", "properties": {"answer": {"type": "string"}, "ok": {"type": "boolean"}},
           "required": ["answer", "ok"]}
 
@@ -61,15 +62,15 @@ class BitmaskTimer:
 
 
 def run(llm: LLM, requests: list[tuple[list[int], int]], kind: str) -> dict:
-    def params(i: int, n: int) -> SamplingParams:
-        if kind == "json":
-            return SamplingParams(temperature=1.0, seed=i, max_tokens=n, ignore_eos=True,
-                                  guided_decoding=GuidedDecodingParams(json=SCHEMA))
+    def params(n: int) -> SamplingParams:
+        if kind in ("sampled", "json"):
+            guide = GuidedDecodingParams(json=SCHEMA) if kind == "json" else None
+            return SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, guided_decoding=guide)
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=5 if kind == "logprobs" else None)
 
     steps_before = llm.engine.num_steps
     start = time.perf_counter()
-    outputs = llm.generate([p for p, _ in requests], [params(i, n) for i, (_, n) in enumerate(requests)])
+    outputs = llm.generate([p for p, _ in requests], [params(n) for _, n in requests])
     seconds = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     result = {"kind": kind, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
@@ -97,6 +98,7 @@ def bench_features(llm: LLM, args: argparse.Namespace) -> dict:
     json_seconds = sum(r["seconds"] for r in json_runs)
     return {"runs": runs, "mean_tokens_per_s": mean,
             "logprobs_vs_plain": mean["logprobs"] / mean["plain"], "json_vs_plain": mean["json"] / mean["plain"],
+            "json_vs_sampled": mean["json"] / mean["sampled"],
             "bitmask_ms_per_step": timer.seconds / max(1, timer.calls) * 1e3,
             "json_step_ms": json_seconds / sum(r["steps"] for r in json_runs) * 1e3,
             "bitmask_share_of_json_time": timer.seconds / json_seconds}

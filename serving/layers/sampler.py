@@ -16,6 +16,7 @@ Log-probabilities are of the raw model distribution (log_softmax of the unproces
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -156,9 +157,10 @@ def process_logits(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     """Apply grammar masks, sparse biases and penalties to `x` [N, V] in place (see the module doc)."""
     vocab_size = x.shape[1]
     if t.mask_rows is not None:
-        shifts = torch.arange(32, dtype=torch.int32, device=x.device)
-        allowed = ((t.token_bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]
-        x.index_copy_(0, t.mask_rows, x.index_select(0, t.mask_rows).masked_fill_(~allowed, float("-inf")))
+        # Each bitmask byte looks up its 8 additive entries (0 allowed, -inf not): two passes over the rows.
+        mask_bytes = t.token_bitmask.view(torch.uint8).long()
+        additive = _bit_table(x.device)[mask_bytes].flatten(1)[:, :vocab_size]
+        x.index_add_(0, t.mask_rows, additive)
     if t.bias_rows is not None:
         x.index_put_((t.bias_rows, t.bias_ids), t.bias_values, accumulate=True)
     if t.penalty_rows is not None:
@@ -176,6 +178,13 @@ def process_logits(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
             rows -= t.frequency.unsqueeze(1) * counts + t.presence.unsqueeze(1) * (counts > 0)
         x.index_copy_(0, t.penalty_rows, rows)
     return x
+
+
+@functools.cache
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] float32: entry (b, k) is 0 if bit k of byte b is set, else -inf (little-endian bitmask words)."""
+    bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+    return torch.where(bits.bool(), 0.0, float("-inf")).to(device)
 
 
 def apply_top_k_top_p(x: torch.Tensor, top_k: torch.Tensor | None,
