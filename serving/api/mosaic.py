@@ -1,7 +1,7 @@
 """MosaicML-style `POST /{model}/v1/predict`, for the chat model and the embedding model.
 
 Text model: `{"inputs": [str], "parameters": {"max_new_tokens", "temperature", "top_p", "top_k", "stop",
-"seed"}}` -> `{"outputs": [str], "finish_reasons": [...], "usage": {...}}`; inputs are raw prompts (no chat
+"seed", "repetition_penalty"}}` (and the other sampling fields of the OpenAI endpoints) -> `{"outputs": [str], "finish_reasons": [...], "usage": {...}}`; inputs are raw prompts (no chat
 template). With `"stream": true` the answer is server-sent events `{"index", "outputs": [new text],
 "finish_reason"}` ending in `[DONE]`. Embedding model: `{"inputs": [str]}` -> `{"outputs": [[float]]}`.
 """
