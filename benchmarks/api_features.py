@@ -8,7 +8,8 @@ random-token prompts (lengths uniform in [16, 256]), each generating up to a num
 (temperature 1) and a JSON schema with a free string (sampled at temperature 1, so the string runs to
 max_tokens rather than closing at once; `sampled` separates the cost of sampling from the grammar's),
 interleaved for `--rounds` rounds so a shared machine's drift hits all kinds alike.
-Throughput counts the tokens actually generated. The grammar's share is the time spent filling bitmasks (timed around `fill_bitmask`).
+Throughput counts the tokens actually generated, per wall-clock second and per CPU-second of the process
+(all its threads): on a shared machine the second says what the work itself cost. The grammar's share is the time spent filling bitmasks (timed around `fill_bitmask`).
 
 Scoring: `--score-prompts` prompts of `--score-len` tokens through the engine with `prompt_logprobs=0` and
 `max_tokens=1` (what `echo` scoring does), against transformers' forward plus log-softmax over the same
@@ -69,17 +70,19 @@ def run(llm: LLM, requests: list[tuple[list[int], int]], kind: str) -> dict:
         return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=5 if kind == "logprobs" else None)
 
     steps_before = llm.engine.num_steps
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = llm.generate([p for p, _ in requests], [params(n) for _, n in requests])
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     result = {"kind": kind, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
+              "cpu_seconds": cpu_seconds, "tokens_per_cpu_s": tokens / cpu_seconds,
               "steps": llm.engine.num_steps - steps_before}
     if kind == "logprobs":
         assert all(len(o.outputs[0].logprobs) == len(o.outputs[0].token_ids) for o in outputs)
     if kind == "json":
         result["finished_by_grammar"] = sum(o.outputs[0].finish_reason == "stop" for o in outputs)
-    print(f"{kind:>9}: {tokens / seconds:8.1f} tok/s ({tokens} tokens, {seconds:.1f}s)", flush=True)
+    print(f"{kind:>9}: {tokens / seconds:8.1f} tok/s, {tokens / cpu_seconds:8.1f} tok per CPU-s ({tokens} tokens, "
+          f"{seconds:.1f}s)", flush=True)
     return result
 
 
@@ -94,11 +97,16 @@ def bench_features(llm: LLM, args: argparse.Namespace) -> dict:
     finally:
         model_runner.fill_bitmask = timer._inner
     mean = {kind: sum(r["tokens_per_s"] for r in runs if r["kind"] == kind) / args.rounds for kind in KINDS}
+    # CPU time of the whole process (all torch threads): what the work cost, whatever else shares the cores.
+    cpu = {kind: sum(r["tokens"] for r in runs if r["kind"] == kind)
+           / sum(r["cpu_seconds"] for r in runs if r["kind"] == kind) for kind in KINDS}
     json_runs = [r for r in runs if r["kind"] == "json"]
     json_seconds = sum(r["seconds"] for r in json_runs)
-    return {"runs": runs, "mean_tokens_per_s": mean,
+    return {"runs": runs, "mean_tokens_per_s": mean, "tokens_per_cpu_s": cpu,
             "logprobs_vs_plain": mean["logprobs"] / mean["plain"], "json_vs_plain": mean["json"] / mean["plain"],
             "json_vs_sampled": mean["json"] / mean["sampled"],
+            "cpu_logprobs_vs_plain": cpu["logprobs"] / cpu["plain"], "cpu_json_vs_plain": cpu["json"] / cpu["plain"],
+            "cpu_json_vs_sampled": cpu["json"] / cpu["sampled"],
             "bitmask_ms_per_step": timer.seconds / max(1, timer.calls) * 1e3,
             "json_step_ms": json_seconds / sum(r["steps"] for r in json_runs) * 1e3,
             "bitmask_share_of_json_time": timer.seconds / json_seconds}
@@ -113,24 +121,25 @@ def bench_scoring(llm: LLM, path: Path, args: argparse.Namespace) -> dict:
     total = sum(len(p) for p in prompts)
     params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
     llm.generate(prompts[:2], params)                                                # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = llm.generate(prompts, params)
-    engine_s = time.perf_counter() - start
+    engine_s, engine_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     assert all(len(o.prompt_logprobs) == args.score_len for o in outputs)
     hf = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     hf(torch.tensor(prompts[:2]))                                                     # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for i in range(0, len(prompts), args.hf_batch):
         ids = torch.tensor(prompts[i:i + args.hf_batch])
         logprobs = hf(ids).logits[:, :-1].float().log_softmax(-1)
         logprobs.gather(2, ids[:, 1:, None])
-    hf_s = time.perf_counter() - start
+    hf_s, hf_cpu = time.perf_counter() - start, time.process_time() - cpu_start
     ours = outputs[0].prompt_logprobs
     ref = hf(torch.tensor(prompts[:1])).logits[0].float().log_softmax(-1)
     max_diff = max(abs(ours[i][prompts[0][i]] - ref[i - 1, prompts[0][i]].item()) for i in range(1, len(ours)))
     result = {"prompts": len(prompts), "prompt_len": args.score_len, "prompt_tokens": total,
               "engine_tokens_per_s": total / engine_s, "transformers_tokens_per_s": total / hf_s,
               "transformers_batch": args.hf_batch, "engine_vs_transformers": hf_s / engine_s,
+              "engine_tokens_per_cpu_s": total / engine_cpu, "transformers_tokens_per_cpu_s": total / hf_cpu,
               "max_abs_diff_first_prompt": max_diff}
     print(f"scoring: engine {total / engine_s:.0f} prompt tok/s, transformers {total / hf_s:.0f} "
           f"(max |diff| {max_diff:.2e})", flush=True)
@@ -138,19 +147,21 @@ def bench_scoring(llm: LLM, path: Path, args: argparse.Namespace) -> dict:
 
 
 def print_table(features: dict, scoring: dict) -> None:
-    mean = features["mean_tokens_per_s"]
-    print("\n| run | tokens/s per round | mean tokens/s | vs plain |")
-    print("| --- | --- | ---: | ---: |")
+    mean, cpu = features["mean_tokens_per_s"], features["tokens_per_cpu_s"]
+    print("\n| run | tokens/s per round | mean tokens/s | vs plain | tokens per CPU-second | vs plain |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for kind in KINDS:
         rounds = ", ".join(f"{r['tokens_per_s']:.1f}" for r in features["runs"] if r["kind"] == kind)
-        print(f"| {kind} | {rounds} | {mean[kind]:.1f} | {mean[kind] / mean['plain']:.2f}x |")
+        print(f"| {kind} | {rounds} | {mean[kind]:.1f} | {mean[kind] / mean['plain']:.2f}x | {cpu[kind]:.1f} | "
+              f"{cpu[kind] / cpu['plain']:.2f}x |")
     print(f"\ngrammar bitmask: {features['bitmask_ms_per_step']:.2f} ms per step of "
           f"{features['json_step_ms']:.1f} ms ({features['bitmask_share_of_json_time']:.1%} of the JSON runs)")
-    print("\n| prompt scoring | prompt tokens/s |")
-    print("| --- | ---: |")
-    print(f"| engine (prompt_logprobs=0, chunked prefill) | {scoring['engine_tokens_per_s']:.0f} |")
+    print("\n| prompt scoring | prompt tokens/s | prompt tokens per CPU-second |")
+    print("| --- | ---: | ---: |")
+    print(f"| engine (prompt_logprobs=0, chunked prefill) | {scoring['engine_tokens_per_s']:.0f} | "
+          f"{scoring['engine_tokens_per_cpu_s']:.0f} |")
     print(f"| transformers forward + log_softmax (batch {scoring['transformers_batch']}) | "
-          f"{scoring['transformers_tokens_per_s']:.0f} |")
+          f"{scoring['transformers_tokens_per_s']:.0f} | {scoring['transformers_tokens_per_cpu_s']:.0f} |")
 
 
 def main(argv: list[str] | None = None) -> None:
