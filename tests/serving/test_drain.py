@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from serving.api.auth import add_key
+from tests.serving.helpers import scrape
 
 MAX_TOKENS = 160
 
@@ -30,6 +31,11 @@ def _free_port() -> int:
 def _session_processes(sid: int) -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid=,sid=,comm="], capture_output=True, text=True, check=True).stdout
     return [line for line in out.splitlines() if int(line.split()[1]) == sid]
+
+
+def _in_flight(base: str) -> float:
+    samples = scrape(base)
+    return sum(value for _, value in samples.get("mosaic_replica_in_flight_requests", []))
 
 
 @pytest.mark.slow
@@ -90,6 +96,11 @@ def test_sigint_to_the_group_drains_a_request_and_a_stream(tmp_path: Path):
         for t in threads:
             t.start()
         assert stream_started.wait(120)
+        # Both accepted: the LLM replica holds two requests (the plain one has no first byte to wait for).
+        deadline = time.monotonic() + 120
+        while _in_flight(base) < 2:
+            assert time.monotonic() < deadline and "plain" not in results, "the plain request was not admitted"
+            time.sleep(0.1)
         os.killpg(server.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         # New requests are refused at once while the accepted ones finish.
         refused = None
