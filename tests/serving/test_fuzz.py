@@ -6,6 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 import schemathesis
+import torch
 from hypothesis import HealthCheck, settings
 
 from serving.api.app import create_app
@@ -20,6 +21,14 @@ def _schema() -> dict:
 
 
 SCHEMA = schemathesis.openapi.from_dict(_schema())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ieee_subnormals() -> None:
+    """In-process engine tests turn on torch's process-wide flush-denormal (ModelRunner on CPU), and hypothesis
+    refuses to generate floats while subnormals are flushed. The stack's replicas are other processes; an
+    in-process engine made later switches it on again itself."""
+    torch.set_flush_denormal(False)
 
 
 @pytest.fixture(scope="module")
