@@ -91,7 +91,7 @@ class LogitRecorder:
     forced continuation, makes its next token the greedy winner (teacher forcing through the decode path)."""
 
     def __init__(self, llm: LLM):
-        self.model = llm.engine.model_runner.model
+        self.model = llm.engine.executor.runner.model
         self.original = self.model.compute_logits
         self.model.compute_logits = self
         self.rows: list[torch.Tensor] = []
@@ -156,11 +156,11 @@ def bench_config(name: str, path: Path, engine_args: dict, args: argparse.Namesp
     result = {
         "config": name, **engine_args,
         "kv_bytes_per_token": bytes_per_token,
-        "weight_bytes_per_rank": weight_bytes(llm.engine.model_runner.model),
+        "weight_bytes_per_rank": weight_bytes(llm.engine.executor.runner.model),
         "capacity_tokens_at_budget": capacity,
         "max_2k_sequences_at_budget": capacity // 2048,
         "pool_tokens_in_throughput_run": stats.kv_capacity_tokens,
-        "attention_backend": llm.engine.model_runner.attention_backend,
+        "attention_backend": llm.engine.executor.runner.attention_backend,
     }
     warmup = workload(4, args.seed + 1, config["vocab_size"], (16, 64), (4, 8))
     run_engine(llm, warmup)

@@ -26,7 +26,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def rank0_param_bytes(llm: LLM) -> int:
-    model = llm.engine.model_runner.model
+    model = llm.engine.executor.runner.model
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 

@@ -135,7 +135,7 @@ def bench_engine(path: Path, requests: list[tuple[list[int], int]], useful: int,
     seconds = run_engine(llm, requests)
     result = {"seconds": seconds, "tokens_per_s": useful / seconds,
               "num_preemptions": llm.engine.stats().num_preemptions,
-              "attention_backend": llm.engine.model_runner.attention_backend, **engine_args}
+              "attention_backend": llm.engine.executor.runner.attention_backend, **engine_args}
     label = ", ".join(f"{k}={v}" for k, v in engine_args.items()) or "defaults"
     print(f"engine ({label}): {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
     if decode:

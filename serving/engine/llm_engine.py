@@ -19,6 +19,7 @@ from serving.engine.block_manager import BlockManager
 from serving.engine.chat import encode_conversation
 from serving.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from serving.engine.errors import EngineDeadError, RequestFailedError, RequestTooLargeError
+from serving.engine.executor import make_executor
 from serving.engine.guided import GrammarCompiler, new_matcher
 from serving.engine.model_runner import StepInputs, StepPlan
 from serving.engine.scheduler import Scheduler, SchedulerOutput
@@ -28,7 +29,6 @@ from serving.limits import LIMITS
 from serving.models.loader import load_config
 from serving.models.tiny import resolve_model
 from serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from serving.parallel.executor import make_executor
 from serving.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -65,9 +65,9 @@ class LLMEngine:
             raise ValueError(
                 f"invalid max_model_len={config.max_model_len}: the model supports {limit} positions")
         self.max_model_len: int = config.max_model_len or limit
-        self.model_runner = make_executor(config, path, self.max_model_len)
-        self.vocab_size = self.model_runner.vocab_size
-        self.block_manager = BlockManager(self.model_runner.num_kv_blocks, config.block_size,
+        self.executor = make_executor(config, path, self.max_model_len)
+        self.vocab_size = self.executor.vocab_size
+        self.block_manager = BlockManager(self.executor.num_kv_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.block_manager)
         eos = model_config.eos_token_id
@@ -262,8 +262,8 @@ class LLMEngine:
     def _execute(self, batch: SchedulerOutput) -> tuple[StepInputs, StepPlan, SamplerOutput]:
         """Prepare and run one step (its results on the host); nothing in the engine's bookkeeping changes
         until it returned."""
-        inputs, plan = self.model_runner.prepare(batch)
-        return inputs, plan, self.model_runner.run(inputs).cpu()
+        inputs, plan = self.executor.prepare(batch)
+        return inputs, plan, self.executor.run(inputs).cpu()
 
     def _isolate(self, batch: SchedulerOutput, error: Exception) -> tuple[SchedulerOutput, tuple | None]:
         """Find the requests that make the step raise, fail them alone, and run the step without them.
@@ -375,10 +375,10 @@ class LLMEngine:
 
     def check_health(self) -> None:
         """Raise EngineDeadError when a part of the model executor (a tensor-parallel rank) is gone."""
-        self.model_runner.check_health()
+        self.executor.check_health()
 
     def shutdown(self) -> None:
-        self.model_runner.shutdown()
+        self.executor.shutdown()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
@@ -388,8 +388,8 @@ class LLMEngine:
             num_total_blocks=bm.num_blocks, num_preemptions=self.scheduler.num_preemptions,
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
             num_steps=self.num_steps, kv_cache_dtype=self.config.kv_cache_dtype,
-            kv_bytes_per_token=self.model_runner.kv_pool.bytes_per_token,
-            kv_capacity_tokens=self.model_runner.kv_pool.capacity_tokens,
+            kv_bytes_per_token=self.executor.runner.kv_pool.bytes_per_token,
+            kv_capacity_tokens=self.executor.runner.kv_pool.capacity_tokens,
         )
 
 

@@ -15,11 +15,11 @@ import dataclasses
 import itertools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from serving.config import EngineConfig
 from serving.engine import kv_cache
@@ -29,7 +29,8 @@ from serving.engine.sequence import Sequence
 from serving.layers.attention import Attention, select_backend
 from serving.layers.sampler import Logprobs, Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 from serving.models.loader import load_model, resolve_dtype
-from serving.parallel.state import get_cpu_group, get_tp_world_size
+from serving.parallel.state import get_tp_world_size
+from serving.utils.device import resolve_device
 from serving.utils.context import AttentionContext, reset_context, set_context
 
 logger = logging.getLogger(__name__)
@@ -73,15 +74,12 @@ def _flatten(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     return rows, torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int):
-        """One rank's model and KV cache; the layers shard themselves by the current TP group."""
+    def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int,
+                 agree_num_kv_blocks: Callable[[int], int] | None = None):
+        """One rank's model and KV cache; the layers shard themselves by the current TP group.
+        `agree_num_kv_blocks` (tensor parallelism) turns this rank's KV-pool size into the one every rank
+        uses, so that every rank holds the same block ids."""
         if config.tensor_parallel_size != get_tp_world_size():
             raise ValueError(
                 f"tensor_parallel_size={config.tensor_parallel_size} but this process is in a "
@@ -104,22 +102,13 @@ class ModelRunner:
         for layer in layers:
             layer.backend = backend
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks(layers, max_model_len)
-        if get_tp_world_size() > 1:
-            # Every rank must hold the same block ids: agree on the smallest pool any rank can afford.
-            agreed = torch.tensor([self.num_kv_blocks])
-            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=get_cpu_group())
-            self.num_kv_blocks = int(agreed)
+        if agree_num_kv_blocks is not None:
+            self.num_kv_blocks = agree_num_kv_blocks(self.num_kv_blocks)
         self.kv_pool = kv_cache.allocate(layers, self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
                                           self.dtype, self.device)
         logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token (%.1f MiB) on %s",
                     self.num_kv_blocks, self.block_size, config.kv_cache_dtype, self.kv_pool.bytes_per_token,
                     self.kv_pool.nbytes / 2**20, self.device)
-
-    def check_health(self) -> None:
-        """A single rank has no followers that could be lost (see TensorParallelExecutor)."""
-
-    def shutdown(self) -> None:
-        """Nothing outlives a single-rank runner but its tensors, which go with it."""
 
     def _default_num_kv_blocks(self, layers: list[Attention], max_model_len: int) -> int:
         """A share of free memory, but no more than max_num_seqs full-length sequences could ever use."""

@@ -123,15 +123,15 @@ async def test_too_large_stall_and_death(llama_dir: Path):
     with pytest.raises(RequestTooLargeError, match="pool has 20 blocks"):
         await collect(engine, random_prompt(300, seed=6), GREEDY, "too-large")
 
-    runner = engine.engine.model_runner
-    real_run = runner.run
+    executor = engine.engine.executor
+    real_run = executor.run
     release = threading.Event()
 
     def stalling_run(inputs):
         release.wait()
         return real_run(inputs)
 
-    runner.run = stalling_run
+    executor.run = stalling_run
     task = asyncio.create_task(collect(engine, random_prompt(10, seed=7), GREEDY, "stalled"))
     await asyncio.sleep(0.5)
     with pytest.raises(EngineStalledError, match="no step"):
@@ -143,7 +143,7 @@ async def test_too_large_stall_and_death(llama_dir: Path):
     def failing_run(inputs):
         raise RuntimeError("boom")
 
-    runner.run = failing_run
+    executor.run = failing_run
     results = await asyncio.wait_for(asyncio.gather(
         *(collect(engine, random_prompt(10 + i, seed=i), GREEDY, f"doomed-{i}") for i in range(3)),
         return_exceptions=True), TIMEOUT)

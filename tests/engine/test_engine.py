@@ -51,7 +51,7 @@ def reference(hf_llama, prompts) -> list[list[int]]:
 def llm(llama_dir: Path) -> LLM:
     """At the defaults: on CPU in float32 that is the native decode-attention kernel."""
     engine = LLM(str(llama_dir), num_kv_blocks=512)
-    assert engine.engine.model_runner.attention_backend == "cpu_kernel"
+    assert engine.engine.executor.runner.attention_backend == "cpu_kernel"
     return engine
 
 

@@ -97,7 +97,7 @@ def test_a_failure_no_request_explains_is_the_engine_s_death(llm, prompts, monke
     def broken(_inputs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(engine.model_runner, "run", broken)
+    monkeypatch.setattr(engine.executor, "run", broken)
     # Alone, a request cannot be told from the device: it is failed first...
     engine.add(engine.make_request("alone", prompts[0], GREEDY))
     assert engine.step() == [] and set(engine.pop_failures()) == {"alone"}

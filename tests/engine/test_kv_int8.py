@@ -107,7 +107,7 @@ def test_engine_greedy_tokens_with_int8_kv_follow_the_float_cache(peaked_llama_d
     # 2 layers x 4 KV heads x (K, V) x (16 int8 + 4 bytes of scale and zero), against 4 x 16 for float32.
     assert (stats.kv_bytes_per_token, exact.engine.stats().kv_bytes_per_token) == (2 * 2 * 4 * (16 + 4),
                                                                                    2 * 2 * 4 * 16 * 4)
-    assert llm.engine.model_runner.kv_pool.nbytes == 256 * 16 * stats.kv_bytes_per_token
+    assert llm.engine.executor.runner.kv_pool.nbytes == 256 * 16 * stats.kv_bytes_per_token
     free_running = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy)]
     forced = [p + c[:j] for p, c in zip(prompts, continuations) for j in range(len(c))]
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)

@@ -1,10 +1,12 @@
 """The engine at tensor_parallel_size=2 (gloo follower process): same greedy tokens as TP=1 and
-transformers; a dead follower marks the engine dead; shutdown leaves no orphan process."""
+transformers; a dead follower marks the engine dead, also when it dies inside a step; shutdown leaves no orphan process."""
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import torch
 
 from serving import LLM, SamplingParams
 from serving.engine.errors import EngineDeadError
+from serving.engine.tp_executor import _wait_for_step
 from tests.fixtures.checkpoints import hf_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -99,3 +102,57 @@ def test_follower_dying_before_the_rendezvous_is_a_clear_error(llama_dir: Path, 
     assert done.returncode != 0
     assert "tp-rank-1 exited with code 1 before joining the tensor-parallel group" in done.stderr, done.stderr[-2000:]
     assert time.monotonic() - started < 240
+
+
+def test_follower_killed_mid_step_is_noticed_within_seconds(llama_dir: Path) -> None:
+    """The follower stops inside a step (the driver waits on it), then dies: the step raises at once, not
+    after the 600 s collective timeout."""
+    llm = LLM(model=str(llama_dir), tensor_parallel_size=2, num_kv_blocks=64)
+    try:
+        assert llm.generate([[1, 5, 6]], GREEDY)[0].outputs[0].token_ids
+        (follower,) = followers()
+        os.kill(follower.pid, signal.SIGSTOP)
+        errors: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                llm.generate([[1, 5, 6]], GREEDY)
+            except BaseException as error:  # noqa: BLE001 - the test reads it below
+                errors.append(error)
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        thread.join(1.0)
+        assert thread.is_alive()  # waiting on the stopped follower
+        os.kill(follower.pid, signal.SIGKILL)
+        started = time.monotonic()
+        thread.join(30)
+        assert not thread.is_alive() and time.monotonic() - started < 10
+        assert len(errors) == 1 and isinstance(errors[0], EngineDeadError), errors
+    finally:
+        llm.shutdown()
+
+
+class _DiesAfter:
+    """Followers that run for `seconds`, then report a dead rank."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def dead_reason(self) -> str | None:
+        return "rank 1 died" if time.monotonic() > self.deadline else None
+
+    def join(self, timeout: float) -> None:
+        pass
+
+
+def test_a_step_that_never_returns_fails_when_a_follower_dies() -> None:
+    """What NCCL does with a dead peer (the collective never returns): the driver's wait still ends."""
+    hung: concurrent.futures.Future = concurrent.futures.Future()
+    started = time.monotonic()
+    with pytest.raises(EngineDeadError, match="rank 1 died during a step"):
+        _wait_for_step(hung, _DiesAfter(0.3))
+    assert 0.3 <= time.monotonic() - started < 3
+    done: concurrent.futures.Future = concurrent.futures.Future()
+    done.set_result("output")
+    assert _wait_for_step(done, _DiesAfter(0)) == "output"  # a finished step is not failed afterwards

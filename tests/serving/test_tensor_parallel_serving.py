@@ -7,7 +7,7 @@ import time
 import httpx
 
 from serving.deployment import AppConfig
-from serving.parallel.executor import FOLLOWER_NAME_PREFIX
+from serving.parallel.workers import FOLLOWER_NAME_PREFIX
 from tests.serving.test_lifecycle import AUX, _health, _replicas, _wait
 
 GREEDY = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}

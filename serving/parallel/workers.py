@@ -1,0 +1,217 @@
+"""Tensor-parallel worker processes: ranks 1..N-1, which follow rank 0 (the engine's process, whose side is
+serving/engine/tp_executor.py).
+
+Every rank runs the same forward on its shard of each step the driver broadcasts over the gloo group; the
+row-parallel all-reduces and the vocab all-gather make every rank's logits whole. This module knows nothing
+of the engine: a follower builds its step runner with the factory in its `WorkerSpec` (the engine passes
+its ModelRunner class), so imports point one way, engine -> parallel.
+
+Followers are local processes (offline `LLM`, or a replica outside Ray) or Ray actors placed in the
+replica's placement group (the serving tier). Either way a follower that dies or stops answering makes
+`check_health` raise, so the engine is marked dead and Ray replaces the replica.
+
+Nothing waits unbounded. At start-up each follower checks in on the driver's rendezvous store before the
+group forms; the driver polls for the check-ins and for its followers' liveness, so a follower that dies
+first (say, a script without `if __name__ == "__main__":` under the spawn start method) is an error naming
+its rank and exit code at once, and one that never shows up is an error after `tp_timeout_s`. Between steps
+the followers wait in a collective, which gives up after `tp_timeout_s`: an idle driver sends a keepalive
+message well before that, so an engine can sit idle for any time and still serve.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from serving.config import EngineConfig
+from serving.parallel.state import destroy_tensor_parallel, get_cpu_group, init_tensor_parallel
+from serving.utils.device import resolve_device
+
+logger = logging.getLogger(__name__)
+
+FOLLOWER_NAME_PREFIX = "mosaic-tp-follower-"
+# Broadcast by an idle driver so the followers' wait for the next step never reaches the collective timeout.
+KEEPALIVE = "keepalive"
+# Broadcast by the driver to stop its followers.
+STOP = None
+
+
+class StepRunner(Protocol):
+    def run(self, inputs: Any) -> Any:
+        """Run one step's forward on this rank's shard (the driver broadcast `inputs`)."""
+
+
+# (config, model path, max_model_len, agree) -> a rank's runner; `agree` turns the rank's own KV-pool size
+# into the one every rank uses (a collective: every rank calls it once, at the same point of start-up).
+RunnerFactory = Callable[[EngineConfig, Path, int, Callable[[int], int]], StepRunner]
+
+
+def check_in_key(rank: int) -> str:
+    return f"mosaic/checked-in/{rank}"
+
+
+def rendezvous_store(spec: WorkerSpec, rank: int) -> dist.TCPStore:
+    """The group's rendezvous store at `spec.init_method` (tcp://host:port): rank 0 serves it."""
+    host, _, port = spec.init_method.removeprefix("tcp://").rpartition(":")
+    return dist.TCPStore(host, int(port), spec.config.tensor_parallel_size, is_master=rank == 0,
+                         timeout=timedelta(seconds=spec.config.tp_timeout_s), wait_for_workers=False)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    config: EngineConfig
+    model_path: Path
+    max_model_len: int
+    init_method: str
+    make_runner: RunnerFactory
+
+
+def agree_on_min(value: int) -> int:
+    """The smallest of every rank's `value` (a collective over the gloo group)."""
+    agreed = torch.tensor([value])
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=get_cpu_group())
+    return int(agreed)
+
+
+def rank_device(config: EngineConfig, device_index: int) -> torch.device:
+    device = resolve_device(config.device)
+    return torch.device("cuda", device_index) if device.type == "cuda" else device
+
+
+def follower_main(rank: int, spec: WorkerSpec, device_index: int) -> None:
+    """A follower rank: join the group, load its shard, then run every step the driver broadcasts."""
+    device = rank_device(spec.config, device_index)
+    store = rendezvous_store(spec, rank)
+    store.set(check_in_key(rank), "1")
+    init_tensor_parallel(rank, spec.config.tensor_parallel_size, spec.init_method, device,
+                         spec.config.tp_timeout_s, store)
+    try:
+        runner = spec.make_runner(dataclasses.replace(spec.config, device=str(device)), spec.model_path,
+                                  spec.max_model_len, agree_on_min)
+        group = get_cpu_group()
+        while True:
+            message: list[Any] = [STOP]
+            dist.broadcast_object_list(message, src=0, group=group)
+            if message[0] is STOP:
+                return
+            if message[0] == KEEPALIVE:
+                continue
+            runner.run(message[0])
+    finally:
+        destroy_tensor_parallel()
+
+
+class Followers(Protocol):
+    def dead_reason(self) -> str | None:
+        """None while every follower runs; else why one stopped."""
+
+    def join(self, timeout: float) -> None: ...
+
+
+class LocalFollowers:
+    """Followers as spawned child processes (CUDA needs spawn, not fork)."""
+
+    def __init__(self, spec: WorkerSpec):
+        ctx = multiprocessing.get_context("spawn")
+        self.processes = [
+            ctx.Process(target=follower_main, args=(rank, spec, rank), name=f"tp-rank-{rank}", daemon=True)
+            for rank in range(1, spec.config.tensor_parallel_size)
+        ]
+        for process in self.processes:
+            process.start()
+
+    def dead_reason(self) -> str | None:
+        for process in self.processes:
+            if not process.is_alive():
+                return f"tensor-parallel worker {process.name} exited with code {process.exitcode}"
+        return None
+
+    def join(self, timeout: float) -> None:
+        for process in self.processes:
+            process.join(timeout)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout)
+
+
+class RayFollowers:
+    """Followers as Ray actors in the current placement group, one bundle (one GPU on GPUs) per rank."""
+
+    def __init__(self, spec: WorkerSpec):
+        import ray
+        from ray.util.placement_group import get_current_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = get_current_placement_group()
+        gpu = resolve_device(spec.config.device).type == "cuda"
+        # The bundle reserves each rank's CPUs; the follower itself claims only its GPU.
+        actor_cls = ray.remote(num_cpus=0, num_gpus=1 if gpu else 0)(_FollowerActor)
+        self.actors, self.runs = [], []
+        driver_id = ray.get_runtime_context().get_actor_id()
+        for rank in range(1, spec.config.tensor_parallel_size):
+            strategy = (PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank)
+                        if group is not None else "DEFAULT")
+            # Named after the driver, so operators (and tests) can find a replica's followers.
+            actor = actor_cls.options(scheduling_strategy=strategy,
+                                      name=f"{FOLLOWER_NAME_PREFIX}{driver_id}-rank{rank}").remote()
+            self.actors.append(actor)
+            # Ray gives each actor its own GPU as device 0.
+            self.runs.append(actor.run.remote(rank, spec, 0))
+
+    def dead_reason(self) -> str | None:
+        import ray
+
+        done, _ = ray.wait(self.runs, num_returns=1, timeout=0)
+        if not done:
+            return None
+        rank = self.runs.index(done[0]) + 1
+        try:
+            ray.get(done[0])
+            return f"tensor-parallel worker actor of rank {rank} stopped"
+        except Exception as exc:  # noqa: BLE001 - any failure of the actor means the same: this rank is gone
+            return f"tensor-parallel worker actor of rank {rank} died: {type(exc).__name__}"
+
+    def join(self, timeout: float) -> None:
+        import ray
+
+        ray.wait(self.runs, num_returns=len(self.runs), timeout=timeout)
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class _FollowerActor:
+    def run(self, rank: int, spec: WorkerSpec, device_index: int) -> None:
+        follower_main(rank, spec, device_index)
+
+
+def free_tcp_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def ray_address() -> str:
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+
+def inside_ray_actor() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    except ImportError:
+        return False
