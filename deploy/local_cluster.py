@@ -52,6 +52,7 @@ class LocalCluster:
         self.env = {**os.environ, **NODE_ENV, **(env or {})}
         self.head: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        self.dashboard_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -64,10 +65,17 @@ class LocalCluster:
              "--disable-usage-stats", "--block", *args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
 
-    def start_head(self, num_cpus: int = 1, resources: dict[str, float] | None = None) -> None:
+    def start_head(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
+                   dashboard_port: int | None = None) -> None:
+        """`dashboard_port`: run the dashboard there (what `serve deploy` and `ray list` talk to); else none."""
         self.temp_dir.mkdir(parents=True, exist_ok=True)
+        dashboard = ["--include-dashboard", "false"]
+        if dashboard_port:
+            dashboard = ["--include-dashboard", "true", "--dashboard-host", NODE_IP,
+                         "--dashboard-port", str(dashboard_port)]
+        self.dashboard_port = dashboard_port
         self.head = self._start(["--head", "--port", str(self.port), "--num-cpus", str(num_cpus),
-                                 "--resources", json.dumps(resources or {"head": 1}), "--include-dashboard", "false",
+                                 "--resources", json.dumps(resources or {"head": 1}), *dashboard,
                                  "--temp-dir", str(self.temp_dir)], "head")
 
     def wait_for_head(self, timeout_s: float = 180) -> None:
@@ -109,10 +117,19 @@ class LocalCluster:
         _kill_group(self.workers[index], signal.SIGKILL)
 
     def nodes(self) -> list[dict]:
-        """The cluster's nodes (id, alive, resources), asked in a short-lived driver process."""
+        """The cluster's nodes (id, alive, resources)."""
+        return self._ask("[{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
+                         "for n in ray.nodes()]")
+
+    def actors(self) -> list[dict]:
+        """The cluster's live actors (class, name, node id); needs the dashboard (`start_head(dashboard_port=)`)."""
+        return self._ask("[{'class': a.class_name, 'name': a.name, 'node': a.node_id} for a in "
+                         "__import__('ray.util.state').util.state.list_actors(filters=[('state', '=', 'ALIVE')])]")
+
+    def _ask(self, expression: str) -> list[dict]:
+        """`expression` evaluated in a short-lived driver process connected to the cluster, as JSON."""
         script = ("import json, ray; ray.init(address=%r, log_to_driver=False, logging_level='ERROR'); "
-                  "print(json.dumps([{'id': n['NodeID'], 'alive': n['Alive'], 'resources': n['Resources']} "
-                  "for n in ray.nodes()]))" % self.address)
+                  "print(json.dumps(%s))" % (self.address, expression))
         out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
                              timeout=120, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])

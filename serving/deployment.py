@@ -413,11 +413,11 @@ class Ingress:
     """The HTTP entry: builds the FastAPI app once the model deployments have described themselves."""
 
     async def __init__(self, config: AppConfig, llm: DeploymentHandle, embedder: DeploymentHandle | None):
-        _enter_replica(config.ingress_num_cpus)
+        replica = _enter_replica(config.ingress_num_cpus)
         settings = config.api_settings()
         llm_backend = await LLMBackend.connect(llm, settings.retry_after_s)
         embed_backend = await EmbeddingBackend.connect(embedder, settings.retry_after_s) if embedder else None
-        self.ctx = ApiContext.create(settings, llm_backend, embed_backend)
+        self.ctx = ApiContext.create(settings, llm_backend, embed_backend, replica)
 
     async def drain(self) -> int:
         """Refuse new requests from now on (503 + Retry-After); returns how many are still being answered."""

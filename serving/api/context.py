@@ -35,9 +35,10 @@ class ApiContext:
     in_flight: int = 0                         # requests (streams until their last byte) being answered
 
     @classmethod
-    def create(cls, settings: ApiSettings, llm: LLMBackend | None, embedder: EmbeddingBackend | None) -> ApiContext:
+    def create(cls, settings: ApiSettings, llm: LLMBackend | None, embedder: EmbeddingBackend | None,
+               replica: str = "local") -> ApiContext:
         keys = KeyStore(settings.api_keys_file, settings.key_reload_interval_s) if settings.api_keys_file else None
-        return cls(settings, keys, RateLimiter(settings.rate_limit_storage), Metrics(), llm, embedder)
+        return cls(settings, keys, RateLimiter(settings.rate_limit_storage), Metrics(replica), llm, embedder)
 
     def model_names(self) -> list[str]:
         return [b.info.name for b in (self.llm, self.embedder) if b is not None]

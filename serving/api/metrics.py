@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -66,8 +66,12 @@ class _EngineStatsCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, replica: str = "local") -> None:
         self.registry = CollectorRegistry()
+        # Each ingress replica keeps its own counters and a scrape through the proxy reaches one of them:
+        # this series says whose counters a scrape shows (and that it restarted, when it changes).
+        Gauge("mosaic_ingress_info", "The ingress replica that answered this scrape (always 1)", ["replica"],
+              registry=self.registry).labels(replica).set(1)
         self.requests = Counter("mosaic_requests", "HTTP requests by endpoint, status and API key name",
                                 ["endpoint", "status", "key"], registry=self.registry)
         self.request_latency = Histogram("mosaic_request_latency_seconds", "Time to the full response",

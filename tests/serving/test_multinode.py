@@ -7,7 +7,6 @@ The cluster is its own Ray instance in other processes (the test process holds t
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -23,13 +22,9 @@ import httpx
 import pytest
 
 from serving.api.auth import add_key
+from tests.fixtures.cluster import REPO, LocalCluster
 from tests.fixtures.gateway import free_port
 from tests.serving.helpers import wait_until
-
-REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("local_cluster", REPO / "deploy" / "local_cluster.py")
-local_cluster = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(local_cluster)
 
 STREAMERS = 3
 BODY = {"model": "tiny-llama-2-chat", "prompt": "Spread over nodes", "max_tokens": 48, "ignore_eos": True,
@@ -42,7 +37,7 @@ def test_replicas_spread_survive_a_node_crash_and_recover(tmp_path):
 
     resolve_model("tiny-llama-2-chat")  # built once here, not by two replicas at once
     ray_tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))  # short: Ray's unix socket paths
-    cluster = local_cluster.LocalCluster(ray_tmp, env={"PYTHONPATH": str(REPO)})
+    cluster = LocalCluster(ray_tmp, env={"PYTHONPATH": str(REPO)})
     cluster.start_head(num_cpus=1, resources={"head": 1})
     server = None
     try:
