@@ -37,12 +37,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from serving.api.auth import add_key  # noqa: E402
-from tests.fixtures.cluster import LocalCluster  # noqa: E402
-from tests.fixtures.gateway import free_port  # noqa: E402
+from serving.api.auth import add_key
+from tests.fixtures.cluster import LocalCluster
+from tests.fixtures.gateway import free_port
 
 MODEL = "tiny-llama-2-chat"
-WORDS = "the cluster serves every token from a replica on some node of the ray cluster".split()
+WORDS = ["the", "cluster", "serves", "every", "token", "from", "a", "replica", "on", "some", "node"]
 
 
 def run_load(base: str, key: str, streams: int, duration_s: float, max_tokens: int, seed: int,
@@ -94,14 +94,15 @@ def summarize(records: list[dict], duration_s: float, since: float = 0.0) -> dic
     ok = [r for r in records if r["status"] == 200 and not r["error_event"] and r["tokens"]]
     window = [r for r in ok if r["end"] >= since]
     ttft = [r["first"] - r["start"] for r in window]
-    return {"completed": len(window), "tokens_per_s": round(sum(r["tokens"] for r in window) / (duration_s - since), 1),
+    tokens = sum(r["tokens"] for r in window)
+    return {"completed": len(window), "tokens_per_s": round(tokens / (duration_s - since), 1),
             "ttft_p50_ms": round(1e3 * float(np.median(ttft)), 1) if ttft else None}
 
 
 def deploy(cluster: LocalCluster, keys: Path, port: int, log: Path) -> subprocess.Popen:
     server = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "--address", cluster.address, "--host", "127.0.0.1", "--port", str(port),
-         "--proxy-location", "HeadOnly", "--api-keys-file", str(keys), "--embedding-model", "none",
+        [sys.executable, "-m", "serving.cli", "--address", cluster.address, "--host", "127.0.0.1",
+         "--port", str(port), "--proxy-location", "HeadOnly", "--api-keys-file", str(keys), "--embedding-model", "none",
          "--num-replicas", "2", "--num-cpus-per-replica", "1", "--llm-resources", json.dumps({"llm_node": 1}),
          "--ingress-resources", json.dumps({"head": 0.1}), "--max-num-seqs", "8", "--num-kv-blocks", "512",
          "--graceful-shutdown-timeout", "2"],
@@ -173,13 +174,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cluster-bench-"))
     keys = work / "keys.json"
     key = add_key(keys, "bench")
-    layouts = [run_layout("one node", 1, args, keys, key, work), run_layout("two nodes", 2, args, keys, key, work)]
+    layouts = [run_layout(name, nodes, args, keys, key, work) for name, nodes in (("one node", 1), ("two nodes", 2))]
     print(f"\n{'layout':<10} {'tok/s':>8} {'done':>6} {'TTFT p50 ms':>12}")
     for r in layouts:
-        print(f"{r['layout']:<10} {r['tokens_per_s']:>8} {r['completed']:>6} {str(r['ttft_p50_ms']):>12}")
+        print(f"{r['layout']:<10} {r['tokens_per_s']:>8} {r['completed']:>6} {r['ttft_p50_ms']!s:>12}")
     kill = layouts[1]["node_kill"]
-    print(f"\nnode killed at {kill['kill_at_s']} s: {kill['requests']} requests, {kill['streams_error_event']} streams "
-          f"cut with an error event, {kill['refused']} refused; interruption {kill['interruption_s']} s; "
+    print(f"\nnode killed at {kill['kill_at_s']} s: {kill['requests']} requests, "
+          f"{kill['streams_error_event']} streams cut with an error event, {kill['refused']} refused; "
+          f"interruption {kill['interruption_s']} s; "
           f"after it {kill['after_kill']['tokens_per_s']} tok/s on the surviving replica")
     ratio = layouts[1]["tokens_per_s"] / layouts[0]["tokens_per_s"]
     print(f"two nodes / one node throughput: {ratio:.2f}x")

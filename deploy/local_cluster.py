@@ -128,8 +128,8 @@ class LocalCluster:
 
     def _ask(self, expression: str) -> list[dict]:
         """`expression` evaluated in a short-lived driver process connected to the cluster, as JSON."""
-        script = ("import json, ray; ray.init(address=%r, log_to_driver=False, logging_level='ERROR'); "
-                  "print(json.dumps(%s))" % (self.address, expression))
+        script = (f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False, "
+                  f"logging_level='ERROR'); print(json.dumps({expression}))")
         out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
                              timeout=120, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])

@@ -12,24 +12,22 @@ Reserve, then settle: a request first passes `precheck` (before any tokenizing: 
 requests or tokens costs nothing more), then `reserve`s one request and its prompt tokens plus the most it
 may generate (`max_tokens` times `n`), so it can never overdraw its budget mid-stream. When it ends,
 `settle` gives back what it did not use; a request refused or failed before its first token gives back
-all of its tokens and keeps only its request slot. (Refunds need the in-process `memory://` counters,
-whose windows are time buckets; a shared store keeps the reservation as the charge.) A 429's Retry-After
-is the time until the refused cost fits the sliding window, if nothing else is charged meanwhile.
+all of its tokens and keeps only its request slot. Refunds go to the window the tokens were charged to,
+in `memory://` and in Redis (`SlidingWindowRefunds`); memcached keeps the reservation as the charge. A
+429's Retry-After is the time until the refused cost fits the sliding window, if nothing else is charged meanwhile.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
 from serving.api.auth import KeyRecord
 from serving.api.errors import APIError
-from serving.utils.shared_limits import StoreOutage, limits_storage
+from serving.utils.shared_limits import SlidingWindowRefunds, StoreOutage, limits_storage
 
 _NAMESPACE = "mosaic-serve"
 
@@ -38,8 +36,9 @@ _NAMESPACE = "mosaic-serve"
 class Reservation:
     key: KeyRecord
     tokens: int
-    # The storage counter the tokens went to (the window current at reservation), for the refund.
-    counter: str | None = None
+    # Where the tokens were charged: the counter's key and its window (SlidingWindowRefunds.mark).
+    counter: str = ""
+    window: str | int | None = None
     settled: bool = False
 
 
@@ -48,6 +47,7 @@ class RateLimiter:
         self.storage_uri = storage_uri
         self._storage = limits_storage(storage_uri)
         self._limiter = SlidingWindowCounterRateLimiter(self._storage)
+        self._refunds = SlidingWindowRefunds(self._storage)
         self._outage = StoreOutage(storage_uri, "rate-limit")
         self._last_cost: dict[str, int] = {}    # key name -> tokens its last request asked for
 
@@ -97,23 +97,24 @@ class RateLimiter:
             if not await self._limiter.test(item, _NAMESPACE, key.name, what, cost=cost):
                 await self._refuse(key, what, item, cost)
         for what, item, cost in checks:
-            if what == "tokens" and isinstance(self._storage, MemoryStorage):
-                reservation.counter = self._storage.sliding_window_keys(
-                    item.key_for(_NAMESPACE, key.name, what), item.get_expiry(), time.time())[1]
             if not await self._limiter.hit(item, _NAMESPACE, key.name, what, cost=cost):
                 await self.settle(reservation, 0)
                 await self._refuse(key, what, item, cost)
             if what == "tokens":
                 reservation.tokens = cost
+                reservation.counter = item.key_for(_NAMESPACE, key.name, what)
+                reservation.window = await self._refunds.mark(reservation.counter, item.get_expiry())
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None:
         """Replace the reservation by what the request used (once; later calls do nothing)."""
         if reservation.settled:
             return
         reservation.settled = True
-        refund = reservation.tokens - max(0, used_tokens)
-        if refund > 0 and reservation.counter is not None and isinstance(self._storage, MemoryStorage):
-            await self._storage.decr(reservation.counter, refund)
+        try:
+            await self._refunds.refund(reservation.counter, reservation.window,
+                                       reservation.tokens - max(0, used_tokens))
+        except StorageError as exc:
+            self._outage.report(exc)
 
     async def _refuse(self, key: KeyRecord, what: str, item: RateLimitItem, cost: int) -> None:
         previous, previous_ttl, current, current_ttl = await self._storage.get_sliding_window(

@@ -8,9 +8,11 @@ of the counter store must not take the API down), and `StoreOutage` logs that on
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 from limits.aio.storage import Storage
@@ -51,3 +53,66 @@ class StoreOutage:
             self._logged = now
             logger.warning("%s storage %s unreachable (%s); admitting requests without them until it answers",
                            self.what, self.name, type(error.storage_error).__name__)
+
+
+# Takes up to ARGV[1] back from the sliding-window counter that was current when the charge was made: the
+# current one if it still ends at ARGV[2] (its PEXPIRETIME then), the previous one if the window has rolled
+# over since (RENAME keeps the expiry). Never below zero; DECRBY keeps the key's expiry.
+_REDIS_REFUND = """
+for _, key in ipairs({KEYS[2], KEYS[1]}) do
+    if redis.call('pexpiretime', key) == tonumber(ARGV[2]) then
+        local left = tonumber(redis.call('get', key) or '0')
+        local amount = math.min(left, tonumber(ARGV[1]))
+        if amount > 0 then redis.call('decrby', key, amount) end
+        return amount
+    end
+end
+return 0
+"""
+
+
+class SlidingWindowRefunds:
+    """Gives back part of a sliding-window charge, in the window it was charged to.
+
+    `mark` (right after the charge) names that window; `refund` takes tokens back from it, and nothing once
+    it has left the sliding window. In memory a window is a time bucket; in Redis (limits' layout: the current
+    window `{key}`, the previous `{key}/-1`, rotated by RENAME) it is told apart by its expiry time. Other
+    stores (memcached) keep the charge: `mark` returns None.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        from limits.aio.storage import MemoryStorage, RedisStorage
+
+        self._storage = storage
+        self._memory = isinstance(storage, MemoryStorage)
+        self._redis = isinstance(storage, RedisStorage)
+        self._script = storage.bridge.get_connection().register_script(_REDIS_REFUND) if self._redis else None
+
+    async def mark(self, key: str, expiry: int) -> str | int | None:
+        if self._memory:
+            return self._storage.sliding_window_keys(key, expiry, time.time())[1]
+        if self._redis:
+            async with self._wrapped():
+                return await self._storage.bridge.get_connection().pexpiretime(self._redis_key(key))
+        return None
+
+    async def refund(self, key: str, mark: str | int | None, amount: int) -> None:
+        if mark is None or amount <= 0:
+            return
+        if self._memory:
+            await self._storage.decr(mark, amount)
+        elif self._redis:
+            current = self._redis_key(key)
+            async with self._wrapped():
+                await self._script(keys=[f"{current}/-1", current], args=[amount, mark])
+
+    @contextlib.asynccontextmanager
+    async def _wrapped(self) -> AsyncIterator[None]:
+        """The store's own errors as StorageError, as limits raises them (callers fail open on it)."""
+        try:
+            yield
+        except self._storage.base_exceptions as exc:
+            raise StorageError(exc) from exc
+
+    def _redis_key(self, key: str) -> str:
+        return self._storage.bridge.prefixed_key(self._storage._current_window_key(key))

@@ -6,6 +6,7 @@ import logging
 import uuid
 
 import pytest
+import redis
 
 from serving.api.auth import KeyRecord
 from serving.api.errors import APIError
@@ -66,3 +67,24 @@ async def test_fails_open_while_the_store_is_away_then_limits_again(redis_server
 
 def test_store_is_named_without_credentials():
     assert StoreOutage("async+redis://user:secret-pw@cache.internal:6380/0", "x").name == "redis://cache.internal:6380"
+
+
+async def test_unused_tokens_go_back_to_the_shared_window_they_were_charged_to(redis_server):
+    replicas = [RateLimiter(redis_server.url), RateLimiter(redis_server.url)]
+    erin = key(tokens_per_minute=100)
+    first = await replicas[0].reserve(erin, 100)
+    with pytest.raises(APIError, match="tokens per minute"):
+        await replicas[1].reserve(erin, 50)
+    await replicas[0].settle(first, 30)          # used 30 of the 100 reserved
+    await replicas[0].settle(first, 0)           # settling twice changes nothing
+    second = await replicas[1].reserve(erin, 70)  # the 70 given back are there for the other replica too
+    with pytest.raises(APIError, match="tokens per minute"):
+        await replicas[0].reserve(erin, 1)
+
+    # The window rolls over (limits renames the current counter to the previous one): the refund follows it.
+    client = redis.Redis(port=redis_server.port)
+    (current,) = [k for k in client.keys("*") if erin.name.encode() in k and k.endswith(b"}")]
+    client.rename(current, current + b"/-1")
+    await replicas[1].settle(second, 0)
+    assert int(client.get(current + b"/-1")) == 30
+    assert client.get(current) is None            # nothing credited to a window it was never charged to
