@@ -120,7 +120,8 @@ def main() -> int:
     from ray import serve
 
     from serving.api.auth import add_key
-    from serving.deployment import AppConfig, build_app
+    from serving.app_config import AppConfig
+    from serving.deployment import build_app
 
     os.environ.update({"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as tmp:

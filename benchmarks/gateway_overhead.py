@@ -45,7 +45,8 @@ def local_stack(model: str) -> Iterator[tuple[str, str]]:
     from ray import serve
 
     from serving.api.auth import add_key
-    from serving.deployment import AppConfig, build_app
+    from serving.app_config import AppConfig
+    from serving.deployment import build_app
 
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as ray_tmp:
         keys_file = Path(ray_tmp) / "keys.json"

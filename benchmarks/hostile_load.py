@@ -144,7 +144,9 @@ def main() -> int:
     from ray import serve
 
     from serving.api.auth import add_key
-    from serving.deployment import AppConfig, build_app, default_llm_cpus
+    from serving.app_config import AppConfig
+    from serving.deployment import build_app
+    from serving.replicas.placement import default_llm_cpus
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -38,9 +38,10 @@ import torch.nn.functional as F
 
 from serving import LLM, SamplingParams
 from serving.capacity import Deployment, ModelShape, kv_bytes_per_token
+from serving.config import DEFAULT_MODEL
 from serving.layers.int8_weights import PACKED_MAX_ROWS, int8_linear, quantize_per_channel
 from serving.models.loader import weight_bytes
-from serving.models.tiny import TINY_MODEL_NAME, resolve_model
+from serving.models.tiny import resolve_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import MODEL_100M, build_100m, decode_ms_per_token, run_engine, workload  # noqa: E402
@@ -246,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_flush_denormal(True)
 
     routes = matmul_routes()
-    tiny = resolve_model(TINY_MODEL_NAME)
+    tiny = resolve_model(DEFAULT_MODEL)
     with tempfile.TemporaryDirectory(prefix="bench-quant-") as tmp:
         path = build_100m(Path(tmp) / "llama-100m-peaked", tiny, logit_std=LOGIT_STD)
         config = json.loads((path / "config.json").read_text())

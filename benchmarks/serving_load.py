@@ -216,9 +216,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serving_load.json")
     args = parser.parse_args()
 
-    from serving.deployment import AppConfig, build_app, default_llm_cpus
+    from serving.app_config import AppConfig
+    from serving.deployment import build_app
     from serving.models.loader import load_config
     from serving.models.tiny import resolve_model
+    from serving.replicas.placement import default_llm_cpus
 
     vocab = load_config(resolve_model(args.model)).vocab_size
     levels = [(c, workload(max(c * args.rounds, args.min_requests), args.seed + c, vocab)) for c in args.concurrency]

@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 from serving import LLM, SamplingParams
-from serving.models.tiny import TINY_MODEL_NAME, resolve_model, write_random_weights
+from serving.config import DEFAULT_MODEL
+from serving.models.tiny import resolve_model, write_random_weights
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -219,12 +220,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    tiny = resolve_model(TINY_MODEL_NAME)
+    tiny = resolve_model(DEFAULT_MODEL)
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-100m-") as tmp:
         for model in args.models:
             if model == "default":
-                results.append(bench_model(TINY_MODEL_NAME, tiny, args, args.num_requests))
+                results.append(bench_model(DEFAULT_MODEL, tiny, args, args.num_requests))
             else:
                 path = build_100m(Path(tmp) / "llama-100m", tiny)
                 results.append(bench_model("llama-100m", path, args, args.num_requests_100m))

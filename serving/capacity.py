@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from serving.config import EngineConfig
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 KV_CACHE_DTYPES = ("auto", "int8")
 QUANTIZATIONS = (None, "int8")
@@ -86,14 +88,15 @@ class Hardware:
 
 @dataclass(frozen=True)
 class Deployment:
-    tensor_parallel_size: int = 1
+    # The engine's defaults (EngineConfig), but the dtype: the plan is for GPUs, where auto is bfloat16.
+    tensor_parallel_size: int = EngineConfig.tensor_parallel_size
     dtype: str = "bfloat16"
-    kv_cache_dtype: str = "auto"
-    quantization: str | None = None
-    block_size: int = 16
-    kv_cache_memory_fraction: float = 0.3        # EngineConfig's default
-    max_num_seqs: int = 256
-    max_model_len: int | None = None
+    kv_cache_dtype: str = EngineConfig.kv_cache_dtype
+    quantization: str | None = EngineConfig.quantization
+    block_size: int = EngineConfig.block_size
+    kv_cache_memory_fraction: float = EngineConfig.kv_cache_memory_fraction
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_model_len: int | None = EngineConfig.max_model_len
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, expected: str) -> None:

@@ -27,14 +27,12 @@ import subprocess
 import sys
 import threading
 import time
+import types
+import typing
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from serving.api.auth import add_key, list_keys, revoke_key
-from serving.config import DEFAULT_MODEL
-from serving.embeddings import DEFAULT_EMBEDDING_MODEL
 
 logger = logging.getLogger("mosaic-serve")
 
@@ -48,21 +46,27 @@ DEV_KEY_NAME = "dev"
 
 def _keys_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mosaic-serve keys", description="Manage API keys (hashes only on disk).")
-    sub = parser.add_subparsers(dest="action", required=True)
+    sub = parser.add_subparsers(dest="action", title="actions", metavar="{add,revoke,list}")
     add = sub.add_parser("add", help="create a key; it is printed once and only its hash is kept")
-    add.add_argument("name")
-    add.add_argument("--requests-per-minute", type=int, default=None)
-    add.add_argument("--tokens-per-minute", type=int, default=None)
+    add.add_argument("name", help="the key's name (unique in the file)")
+    add.add_argument("--requests-per-minute", type=int, default=None,
+                     help="requests this key may make per minute (default: unlimited)")
+    add.add_argument("--tokens-per-minute", type=int, default=None,
+                     help="prompt + completion tokens this key may use per minute (default: unlimited)")
     revoke = sub.add_parser("revoke", help="delete a key (servers stop accepting it within seconds)")
-    revoke.add_argument("name")
+    revoke.add_argument("name", help="the key's name")
     sub.add_parser("list", help="names and limits of the keys")
     for p in sub.choices.values():
-        p.add_argument("--api-keys-file", required=True, type=Path)
+        p.add_argument("--api-keys-file", required=True, type=Path, help="the key file (created by the first add)")
     return parser
 
 
 def keys_main(argv: list[str]) -> int:
-    args = _keys_parser().parse_args(argv)
+    parser = _keys_parser()
+    args = parser.parse_args(argv)
+    if args.action is None:  # `mosaic-serve keys` alone: say what it can do
+        parser.print_help(sys.stderr)
+        return 2
     try:
         if args.action == "add":
             print(add_key(args.api_keys_file, args.name, args.requests_per_minute, args.tokens_per_minute))
@@ -83,51 +87,100 @@ def keys_main(argv: list[str]) -> int:
 # ---- serve -----------------------------------------------------------------------------------------------
 
 
+# Flags whose names predate the generated ones (`--<field-name>`), kept working, by AppConfig field.
+_ALIASES = {
+    "stall_timeout_s": ["--stall-timeout"],
+    "graceful_shutdown_timeout_s": ["--graceful-shutdown-timeout"],
+    "ingress_num_replicas": ["--ingress-replicas"],
+    "llm_num_cpus": ["--num-cpus-per-replica"],
+    "llm_num_gpus": ["--num-gpus-per-replica"],
+}
+# What the command line does differently from AppConfig's default (the help says so).
+_CLI_DEFAULTS = {
+    "llm_num_cpus": "the local cores shared out among the LLM replicas, less one for the HTTP path",
+    "insecure_no_auth": "off; without keys, serving on a loopback address of a local Ray instance is allowed",
+}
+_AUTOSCALING = "autoscaling."
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _gpus(text: str) -> float | str:
+    return text if text == "auto" else float(text)
+
+
+def _none_or(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _add_setting(group: argparse._ArgumentGroup, name: str, annotation: Any, info: Any, dest: str) -> None:
+    """One flag for one setting, its parsing from the field's type, its help and default from the field."""
+    choices = (info.json_schema_extra or {}).get("choices") if isinstance(info.json_schema_extra, dict) else None
+    default = info.get_default(call_default_factory=True)
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS}
+    optional = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if optional else ()
+    base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
+    if annotation is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+    elif name == "llm_num_gpus":
+        kwargs.update(type=_gpus, metavar="auto|N")
+    elif typing.get_origin(base) is dict:
+        kwargs.update(type=json.loads, metavar="JSON")
+    else:
+        kind = base if base in (int, float, str) else str
+        kwargs["type"] = _none_or(kind) if type(None) in args else kind
+        kwargs["metavar"] = "N" if kind in (int, float) else name.upper()
+        if choices is not None:
+            kwargs["choices"] = list(choices)
+            kwargs["type"] = _none_or(kind) if None in choices else kind
+            kwargs["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in choices) + "}"
+    shown = _CLI_DEFAULTS.get(name, "none" if default is None else json.dumps(default) if isinstance(default, dict)
+                              else default)
+    # A help text that says its default itself (a computed one) keeps its own words.
+    described = info.description if "(default" in info.description else f"{info.description} (default: {shown})"
+    kwargs["help"] = described.replace("%", "%%")
+    group.add_argument(_flag(name.removeprefix(_AUTOSCALING)), *_ALIASES.get(name, []), **kwargs)
+
+
 def _serve_parser(prog: str = "mosaic-serve") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Serve a Llama chat model (and an embedding model) over "
-                                "HTTP on Ray Serve. Subcommands: `keys` (API keys), `dev` (`make serve`).")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{DEFAULT_MODEL} or a Hugging Face checkpoint folder")
-    p.add_argument("--served-model-name", help="the name clients use (default: the model name or folder name)")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--max-num-seqs", type=int, default=256, help="sequences one replica runs at once")
-    p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks per replica (default: from free memory)")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
-                   help="auto: the model dtype; int8: quantized per token and KV head (head_dim + 4 bytes each)")
-    p.add_argument("--quantization", default=None, choices=["int8"],
-                   help="int8: weight-only, per output channel, quantized at load time")
-    p.add_argument("--num-replicas", type=int, default=1, help="LLM replicas (fixed count)")
-    p.add_argument("--min-replicas", type=int, help="autoscale LLM replicas between --min and --max-replicas")
-    p.add_argument("--max-replicas", type=int)
-    p.add_argument("--num-cpus-per-replica", type=float,
-                   help="CPUs (and torch threads) per LLM replica; default: the local cores shared out")
-    p.add_argument("--num-gpus-per-replica", type=float,
-                   help="GPUs per LLM replica (default: tensor-parallel-size when CUDA is visible, else 0)")
-    p.add_argument("--max-waiting-requests", type=int, default=64,
-                   help="requests one replica queues behind a full batch; more are refused with 503")
-    p.add_argument("--embedding-model", default=DEFAULT_EMBEDDING_MODEL,
-                   help=f"{DEFAULT_EMBEDDING_MODEL} (bundled), a sentence-transformers folder, or none")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-keys-file", type=Path, help="API key file (mosaic-serve keys add ...)")
-    p.add_argument("--insecure-no-auth", action="store_true",
-                   help="allow serving without API keys on a non-loopback address")
-    p.add_argument("--rate-limit-storage", default="memory://",
-                   help="memory:// (per ingress replica) or a shared store such as redis://host:6379")
-    p.add_argument("--ingress-replicas", type=int, default=1)
-    p.add_argument("--stall-timeout", type=float, default=30.0,
-                   help="seconds with work but no engine step before a replica reports unhealthy")
-    p.add_argument("--graceful-shutdown-timeout", type=float, default=60.0,
-                   help="seconds a stopping replica drains in-flight requests")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray cluster to deploy onto (default: start a local Ray instance)")
-    p.add_argument("--llm-resources", type=json.loads, default={}, metavar="JSON",
-                   help='custom Ray resources per LLM replica, e.g. \'{"llm_node": 1}\' (nodes started with them)')
-    p.add_argument("--ingress-resources", type=json.loads, default={}, metavar="JSON",
-                   help="custom Ray resources per ingress replica")
-    p.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"],
-                   help="where Ray Serve runs HTTP proxies (HeadOnly: several nodes on one machine share a port)")
+    """The flags: one per AppConfig field (grouped as serving/app_config.py's SECTIONS), plus where to listen
+    and which Ray cluster to use. A flag overrides the same field of --config FILE."""
+    from serving.app_config import SECTIONS, AutoscalingSettings, section_fields
+
+    p = argparse.ArgumentParser(
+        prog=prog, usage="%(prog)s [--config FILE.yaml] [flags]", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a Llama chat model (and an embedding model) over HTTP on Ray Serve.",
+        epilog="subcommands:\n  mosaic-serve keys {add,revoke,list} ...   manage API keys\n"
+               "  mosaic-serve plan ...                      capacity plan for a checkpoint on GPUs\n"
+               "  mosaic-serve dev [flags]                   the local stack of `make serve`")
+    p.add_argument("--config", type=Path, metavar="FILE.yaml",
+                   help="settings file: AppConfig fields, or a Ray Serve config such as deploy/serve_config.yaml "
+                        "(its application's args); flags override it")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for title, source in SECTIONS:
+        group = groups.get(title) or groups.setdefault(title, p.add_argument_group(title))
+        for name, (annotation, info) in section_fields(source).items():
+            if name == "autoscaling":
+                for sub, (sub_annotation, sub_info) in section_fields(AutoscalingSettings).items():
+                    _add_setting(group, _AUTOSCALING + sub, sub_annotation, sub_info, _AUTOSCALING + sub)
+            else:
+                _add_setting(group, name, annotation, info, name)
+    http = groups["ingress & auth"]
+    http.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy listens on (default: %(default)s)")
+    http.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
+    cluster = p.add_argument_group("Ray cluster")
+    cluster.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                         help="Ray cluster to deploy onto (default: $RAY_ADDRESS, else start a local Ray instance)")
+    cluster.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"],
+                         help="where Ray Serve runs HTTP proxies (HeadOnly: several nodes on one machine share a "
+                              "port) (default: %(default)s)")
     return p
 
 
@@ -140,42 +193,59 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """AppConfig fields from the command line (validated by AppConfig itself)."""
-    replicas = args.min_replicas if args.min_replicas is not None else args.num_replicas
-    from serving.deployment import default_llm_cpus
+def _config_file(path: Path) -> dict[str, Any]:
+    """AppConfig fields from a YAML file: a mapping of them, or a Ray Serve config (its app_builder's args)."""
+    import yaml
 
-    llm_cpus = args.num_cpus_per_replica if args.num_cpus_per_replica is not None else default_llm_cpus(replicas)
-    if args.num_gpus_per_replica is not None:
-        gpus = args.num_gpus_per_replica
-    else:
-        import torch
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings")
+    if "applications" in data:
+        apps = [a for a in data["applications"] if a.get("import_path") == "serving.deployment:app_builder"]
+        if len(apps) != 1:
+            raise ValueError(f"{path}: expected one application with import_path serving.deployment:app_builder")
+        data = apps[0].get("args") or {}
+    return dict(data)
 
-        gpus = 1.0 if torch.cuda.is_available() else 0.0  # per tensor-parallel rank
-    fields: dict[str, Any] = dict(
-        model=args.model, served_model_name=args.served_model_name,
-        tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype, max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs, num_kv_blocks=args.num_kv_blocks, kv_cache_dtype=args.kv_cache_dtype,
-        quantization=args.quantization, num_replicas=args.num_replicas,
-        llm_num_cpus=llm_cpus, llm_num_gpus=gpus, max_waiting_requests=args.max_waiting_requests,
-        embedding_model=args.embedding_model, ingress_num_replicas=args.ingress_replicas,
-        api_keys_file=str(args.api_keys_file) if args.api_keys_file else None,
-        # _check_auth allowed this run: keys, an explicit flag, or a local instance on loopback only.
-        insecure_no_auth=args.api_keys_file is None,
-        rate_limit_storage=args.rate_limit_storage, stall_timeout_s=args.stall_timeout,
-        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout,
-        llm_resources=args.llm_resources, ingress_resources=args.ingress_resources,
-    )
-    if args.min_replicas is not None or args.max_replicas is not None:
-        fields["autoscaling"] = {"min_replicas": args.min_replicas if args.min_replicas is not None else 1,
-                                 "max_replicas": args.max_replicas or max(1, args.min_replicas or 1)}
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The AppConfig fields --config FILE and the flags set (a flag wins)."""
+    from serving.app_config import AppConfig
+
+    fields = _config_file(args.config) if args.config else {}
+    given = {k: v for k, v in vars(args).items() if k in AppConfig.model_fields}
+    scaling = {k.removeprefix(_AUTOSCALING): v for k, v in vars(args).items() if k.startswith(_AUTOSCALING)}
+    fields.update(given)
+    if scaling:
+        scaling = {**(fields.get("autoscaling") or {}), **scaling}
+        if "min_replicas" in scaling and "max_replicas" not in scaling:
+            scaling["max_replicas"] = max(1, scaling["min_replicas"])  # --min-replicas alone: a floor that holds
+        fields["autoscaling"] = scaling
     return fields
 
 
-def _check_auth(args: argparse.Namespace) -> str | None:
+def config_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """AppConfig fields from --config FILE, the flags, and the command line's own defaults (validated by
+    AppConfig itself); call it once _check_auth has allowed the settings."""
+    fields = given_settings(args)
+    if "llm_num_cpus" not in fields:
+        from serving.replicas.placement import default_llm_cpus
+
+        replicas = (fields.get("autoscaling") or {}).get("min_replicas", fields.get("num_replicas", 1))
+        fields["llm_num_cpus"] = default_llm_cpus(replicas)
+    # _check_auth allowed this run: keys, an explicit flag, or a local instance on loopback only.
+    fields["insecure_no_auth"] = fields.get("insecure_no_auth", False) or fields.get("api_keys_file") is None
+    return fields
+
+
+def _check_auth(args: argparse.Namespace, settings: dict[str, Any]) -> str | None:
     """Why the server must not start with these auth settings, or None."""
-    if args.api_keys_file is None:
-        if args.insecure_no_auth:
+    keys_file = settings.get("api_keys_file")
+    if keys_file is None:
+        if settings.get("insecure_no_auth"):
             return None
         if args.address:
             # A running cluster keeps the HTTP options it started with: --host says nothing about where its
@@ -186,27 +256,29 @@ def _check_auth(args: argparse.Namespace) -> str | None:
             return (f"refusing to serve on {args.host} without API keys: pass --api-keys-file (create keys with "
                     "`mosaic-serve keys add NAME --api-keys-file F`) or --insecure-no-auth")
         return None
-    if not args.api_keys_file.is_file():
-        return (f"API key file {args.api_keys_file} does not exist; create it with "
-                f"`mosaic-serve keys add NAME --api-keys-file {args.api_keys_file}`")
+    if not Path(keys_file).expanduser().is_file():
+        return (f"API key file {keys_file} does not exist; create it with "
+                f"`mosaic-serve keys add NAME --api-keys-file {keys_file}`")
     return None
 
 
 def serve_main(argv: list[str], on_ready: Any = None) -> int:
     args = _serve_parser().parse_args(argv)
-    problem = _check_auth(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    from serving.deployment import AppConfig, build_app, resources_needed
+    from serving.app_config import AppConfig
 
     try:
+        problem = _check_auth(args, given_settings(args))
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         config = AppConfig(**config_from_args(args))
-    except ValidationError as exc:
+    except (OSError, ValueError) as exc:  # a settings file that cannot be read; ValidationError is a ValueError
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    if not args.api_keys_file:
+    if not config.api_keys_file:
         logger.warning("serving WITHOUT authentication on %s", args.host)
+    from serving.deployment import build_app
+    from serving.replicas.placement import resources_needed
 
     import ray
     from ray import serve
@@ -231,7 +303,7 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
         serve.run(build_app(config), name=APP_NAME, route_prefix="/")
         host, port = _listening_address(args.host, args.port)
         logger.info("HTTP proxy listening on %s:%d (%s)", host, port,
-                    "API keys from " + str(args.api_keys_file) if args.api_keys_file else "NO authentication")
+                    "API keys from " + config.api_keys_file if config.api_keys_file else "NO authentication")
         base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"mosaic-serve: serving {config.engine_config().served_model_name}"
               f"{' and ' + config.embedding_model if config.has_embeddings else ''} at {base_url}", flush=True)
@@ -317,12 +389,17 @@ def curl_line(base_url: str, model: str, key_path: Path) -> str:
 
 
 def dev_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mosaic-serve dev",
-                                     description="Local development stack: a dev API key and the default models.")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dir", type=Path, default=DEV_DIR, help="where the dev key files live (git-ignored)")
+    parser = argparse.ArgumentParser(
+        prog="mosaic-serve dev", usage="%(prog)s [--port P] [--dir D] [--gateway-port G] [server flags]",
+        description="Local development stack (`make serve`): a dev API key and the default models on 127.0.0.1.",
+        epilog="Every other flag passes through to the server: see `mosaic-serve --help` (e.g. --model, "
+               "--max-num-seqs, --config FILE.yaml).")
+    parser.add_argument("--port", type=int, default=8000, help="serving port (default: %(default)s)")
+    parser.add_argument("--dir", type=Path, default=DEV_DIR,
+                        help="where the dev key files live, git-ignored (default: %(default)s)")
     parser.add_argument("--gateway-port", type=int, default=5000,
-                        help="MLflow AI Gateway port (gateway_configs/local.yaml); 0 to run without the gateway")
+                        help="MLflow AI Gateway port (gateway_configs/local.yaml); 0 to run without the gateway "
+                             "(default: %(default)s)")
     args, rest = parser.parse_known_args(argv)
     keys_file, key_path = args.dir / "api_keys.json", args.dir / "api_key"
     key, created = _dev_key(keys_file, key_path)

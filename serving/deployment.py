@@ -9,6 +9,7 @@ replica more than it admits, and the ingress's handle holds at most `router_queu
 together) unassigned requests; beyond that a request is answered 503 with Retry-After at once. Nothing
 queues unbounded.
 
+Settings: serving/app_config.py (AppConfig); what replicas take from the cluster: serving/replicas/placement.py.
 Health: Ray calls `check_health` on each replica every `health_check_period_s`; it raises when the engine
 loop died or made no step for `stall_timeout_s` while it had work, and Ray replaces the replica.
 Shutdown: a stopping replica takes no new requests and drains the ones in flight for up to
@@ -22,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -30,153 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from limits.errors import ConfigurationError
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 from ray.serve import Application
 from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from serving.api.backends import Delta, EmbeddingBackend, LLMBackend
-from serving.api.context import ApiContext, ApiSettings
+from serving.api.context import ApiContext
 from serving.api.errors import APIError, bad_request, unavailable
-from serving.api.ratelimit import RateLimiter
-from serving.config import DEFAULT_MODEL, EngineConfig
-from serving.embeddings import DEFAULT_EMBEDDING_MODEL
-from serving.limits import LIMITS
+from serving.app_config import AppConfig
 from serving.outputs import RequestOutput
+from serving.replicas.placement import llm_gpus_per_rank, tensor_parallel_placement
 
 logger = logging.getLogger(__name__)
-
-
-class AutoscalingSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    # Ongoing requests per replica the autoscaler aims for; defaults to max_num_seqs (a full batch).
-    target_ongoing_requests: float | None = Field(None, gt=0)
-
-
-class AppConfig(BaseModel):
-    """Everything `mosaic-serve` and `serve deploy` can set (the `args:` of deploy/serve_config.yaml)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # engine
-    model: str = DEFAULT_MODEL
-    served_model_name: str | None = None
-    tensor_parallel_size: int = Field(1, ge=1)
-    dtype: str = "auto"
-    max_model_len: int | None = Field(None, ge=1)
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=1)
-    block_size: int = 16
-    num_kv_blocks: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"
-    quantization: str | None = None
-    seed: int = 0
-    stall_timeout_s: float = Field(30.0, gt=0)
-    # LLM replicas
-    num_replicas: int = Field(1, ge=1)
-    autoscaling: AutoscalingSettings | None = None
-    llm_num_cpus: float = Field(1.0, gt=0)
-    llm_num_gpus: float = Field(0.0, ge=0)
-    # Custom Ray resources per LLM replica (per tensor-parallel rank), e.g. {"llm_node": 1}: replicas go
-    # only to nodes started with them (`ray start --resources '{"llm_node": 1}'`).
-    llm_resources: dict[str, float] = Field(default_factory=dict)
-    max_waiting_requests: int = Field(64, ge=0)
-    # Stream items per second one LLM replica sends, shared by its streams (0: one item per engine step).
-    stream_items_per_s: float = Field(100.0, ge=0)
-    # embedding replicas ("none": no embedding model)
-    embedding_model: str = DEFAULT_EMBEDDING_MODEL
-    embedding_served_name: str | None = None
-    embedding_num_replicas: int = Field(1, ge=1)
-    embedding_num_cpus: float = Field(0.5, gt=0)
-    embedding_max_ongoing_requests: int = Field(8, ge=1)
-    embedding_max_queued_requests: int = Field(64, ge=0)
-    # ingress
-    ingress_num_replicas: int = Field(1, ge=1)
-    ingress_num_cpus: float = Field(0.5, gt=0)
-    ingress_resources: dict[str, float] = Field(default_factory=dict)
-    ingress_max_ongoing_requests: int = Field(1024, ge=1)
-    api_keys_file: str | None = None
-    # Serving without keys must be asked for by name: build_app refuses otherwise (fail closed).
-    insecure_no_auth: bool = False
-    key_reload_interval_s: float = Field(1.0, gt=0)
-    rate_limit_storage: str = "memory://"
-    max_request_bytes: int = Field(2 * 1024 * 1024, ge=1024)
-    default_max_tokens: int = Field(256, ge=1)
-    max_prompts_per_request: int = Field(LIMITS.prompts, ge=1, le=LIMITS.prompts)
-    retry_after_s: int = Field(1, ge=1)
-    # replica lifecycle
-    health_check_period_s: float = Field(10.0, gt=0)
-    health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(60.0, ge=0)
-
-    @model_validator(mode="after")
-    def _check(self) -> AppConfig:
-        # Fail at build time with the engine's and the limiter's own messages, not later inside a replica.
-        self.engine_config()
-        try:
-            RateLimiter(self.rate_limit_storage)
-        except ConfigurationError as exc:
-            raise ValueError(f"rate_limit_storage={self.rate_limit_storage!r}: {exc}") from None
-        if self.api_keys_file is not None:
-            self.api_keys_file = str(Path(self.api_keys_file).expanduser().resolve())
-        if self.autoscaling is not None and self.autoscaling.max_replicas < max(1, self.autoscaling.min_replicas):
-            raise ValueError("autoscaling.max_replicas must be >= min_replicas")
-        return self
-
-    @property
-    def has_embeddings(self) -> bool:
-        return self.embedding_model.lower() != "none"
-
-    @property
-    def replica_capacity(self) -> int:
-        """Requests one LLM replica admits: a full batch running plus its bounded waiting queue."""
-        return self.max_num_seqs + self.max_waiting_requests
-
-    @property
-    def router_queue(self) -> int:
-        """Requests the ingress's handle may hold unassigned: what all replicas admit together.
-
-        Ray counts a request as queued until it is assigned, which takes a probe of the replicas; with a
-        smaller bound a burst that arrives at once is refused although the replicas have room. Once every
-        replica is full, at most this many more wait here; beyond it, 503 at once.
-        """
-        replicas = self.autoscaling.max_replicas if self.autoscaling is not None else self.num_replicas
-        return replicas * self.replica_capacity
-
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            model=self.model, served_model_name=self.served_model_name or default_served_name(self.model),
-            tensor_parallel_size=self.tensor_parallel_size, dtype=self.dtype, max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
-            enable_prefix_caching=self.enable_prefix_caching, seed=self.seed, stall_timeout_s=self.stall_timeout_s,
-            kv_cache_dtype=self.kv_cache_dtype, quantization=self.quantization,
-        )
-
-    def api_settings(self) -> ApiSettings:
-        return ApiSettings(
-            api_keys_file=self.api_keys_file, key_reload_interval_s=self.key_reload_interval_s,
-            rate_limit_storage=self.rate_limit_storage, max_request_bytes=self.max_request_bytes,
-            default_max_tokens=self.default_max_tokens, max_prompts_per_request=self.max_prompts_per_request,
-            retry_after_s=self.retry_after_s,
-        )
-
-
-def default_llm_cpus(num_replicas: int) -> float:
-    """CPUs (and torch threads) per LLM replica on one machine: the cores shared out, less one for the HTTP
-    path (proxy, ingress, embeddings), which would otherwise steal time from the engine's threads."""
-    return float(max(1, ((os.cpu_count() or 2) - 1) // max(1, num_replicas)))
-
-
-def default_served_name(model: str) -> str:
-    """A model name is served as itself; a checkpoint folder under its folder name."""
-    return model if model == DEFAULT_MODEL else Path(model).expanduser().resolve().name
 
 
 # However busy the replica, a stream still moves at least a few times a second.
@@ -454,10 +320,11 @@ def build_app(config: AppConfig) -> Application:
     elif not Path(config.api_keys_file).is_file():
         logger.error("API key file %s does not exist: every request is refused until it is created",
                      config.api_keys_file)
+    gpus = llm_gpus_per_rank(config)
     llm_options: dict[str, Any] = dict(
         name="LLMServer",
-        ray_actor_options=_actor_options(config.llm_num_cpus, config.llm_resources, num_gpus=config.llm_num_gpus),
-        **_tensor_parallel_placement(config),
+        ray_actor_options=_actor_options(config.llm_num_cpus, config.llm_resources, num_gpus=gpus),
+        **tensor_parallel_placement(config, gpus),
         max_ongoing_requests=config.replica_capacity,
         max_queued_requests=config.router_queue,
         health_check_period_s=config.health_check_period_s,
@@ -504,28 +371,3 @@ def build_app(config: AppConfig) -> Application:
 def app_builder(args: dict[str, Any]) -> Application:
     """Entry point for `serve run` / `serve deploy` (`import_path: serving.deployment:app_builder`)."""
     return build_app(AppConfig.model_validate(args))
-
-
-def _tensor_parallel_placement(config: AppConfig) -> dict[str, Any]:
-    """One placement-group bundle per tensor-parallel rank, packed on one node (ranks talk NCCL/gloo).
-
-    The replica actor (rank 0) takes bundle 0 with the options above; the follower actors it starts take
-    the other bundles, so `llm_num_cpus` / `llm_num_gpus` are per rank.
-    """
-    if config.tensor_parallel_size == 1:
-        return {}
-    bundle: dict[str, float] = {"CPU": config.llm_num_cpus, **config.llm_resources}
-    if config.llm_num_gpus:
-        bundle["GPU"] = config.llm_num_gpus
-    return {"placement_group_bundles": [bundle] * config.tensor_parallel_size,
-            "placement_group_strategy": "STRICT_PACK"}
-
-
-def resources_needed(config: AppConfig) -> float:
-    """CPUs (Ray logical resources) the application asks for at its initial size."""
-    replicas = config.autoscaling.min_replicas if config.autoscaling else config.num_replicas
-    cpus = (replicas * config.llm_num_cpus * config.tensor_parallel_size
-            + config.ingress_num_cpus * config.ingress_num_replicas)
-    if config.has_embeddings:
-        cpus += config.embedding_num_cpus * config.embedding_num_replicas
-    return cpus

@@ -6,7 +6,7 @@ from collections.abc import Sequence as SequenceABC
 
 from transformers import PreTrainedTokenizerBase
 
-from serving.config import DEFAULT_MODEL, EngineConfig
+from serving.config import EngineConfig
 from serving.engine.llm_engine import LLMEngine
 from serving.outputs import RequestOutput
 from serving.sampling_params import SamplingParams
@@ -15,11 +15,16 @@ Prompt = str | list[int]
 
 
 class LLM:
-    def __init__(self, model: str = DEFAULT_MODEL, tensor_parallel_size: int = 1, dtype: str = "auto",
-                 max_model_len: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, block_size: int = 16,
-                 num_kv_blocks: int | None = None, enable_prefix_caching: bool = True, seed: int = 0,
-                 kv_cache_dtype: str = "auto", quantization: str | None = None, **kwargs) -> None:
+    # The defaults are EngineConfig's (the one source of each setting); the keywords are the documented ones.
+    def __init__(self, model: str = EngineConfig.model,
+                 tensor_parallel_size: int = EngineConfig.tensor_parallel_size, dtype: str = EngineConfig.dtype,
+                 max_model_len: int | None = EngineConfig.max_model_len,
+                 max_num_seqs: int = EngineConfig.max_num_seqs,
+                 max_num_batched_tokens: int | None = EngineConfig.max_num_batched_tokens,
+                 block_size: int = EngineConfig.block_size, num_kv_blocks: int | None = EngineConfig.num_kv_blocks,
+                 enable_prefix_caching: bool = EngineConfig.enable_prefix_caching, seed: int = EngineConfig.seed,
+                 kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
+                 quantization: str | None = EngineConfig.quantization, **kwargs) -> None:
         """Extra keyword arguments go to EngineConfig (device, tokenizer, attention_backend, ...)."""
         self.engine = LLMEngine(EngineConfig(
             model=model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, max_model_len=max_model_len,

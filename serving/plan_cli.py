@@ -19,20 +19,21 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mosaic-serve plan", description="Capacity plan: memory, KV cache, speed "
                                 "bounds (rooflines) and replicas for a target load.")
     p.add_argument("--model", required=True, help="checkpoint folder, its config.json, or tiny-llama-2-chat")
-    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-parallel-size", type=int, default=Deployment.tensor_parallel_size)
     p.add_argument("--gpus", type=int, default=8, help="GPUs available in all")
     p.add_argument("--gpu-memory-gb", type=float, default=80.0)
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_BYTES], help="auto: bfloat16, as on CUDA")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"])
+    p.add_argument("--kv-cache-dtype", default=Deployment.kv_cache_dtype, choices=["auto", "int8"])
     p.add_argument("--quantization", default=None, choices=["int8"], help="weight-only int8")
     p.add_argument("--hbm-bandwidth-gbs", type=float, default=2039.0,
                    help="memory bandwidth per GPU in GB/s (default: A100 80GB SXM, 2039)")
     p.add_argument("--gpu-tflops", type=float, default=312.0,
                    help="dense bf16/fp16 TFLOP/s per GPU (default: A100, 312)")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=0.3,
-                   help="share of the memory left after the weights that the KV pool takes (engine default 0.3)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=Deployment.block_size)
+    p.add_argument("--kv-cache-memory-fraction", type=float, default=Deployment.kv_cache_memory_fraction,
+                   help="share of the memory left after the weights that the KV pool takes (the engine's "
+                        "default, %(default)s)")
+    p.add_argument("--max-num-seqs", type=int, default=Deployment.max_num_seqs)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--requests-per-s", type=float, default=1.0, help="target load")
     p.add_argument("--prompt-tokens", type=int, default=512)

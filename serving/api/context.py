@@ -8,18 +8,7 @@ from serving.api.backends import EmbeddingBackend, LLMBackend
 from serving.api.errors import APIError
 from serving.api.metrics import Metrics
 from serving.api.ratelimit import RateLimiter
-from serving.limits import LIMITS
-
-
-@dataclass(frozen=True)
-class ApiSettings:
-    api_keys_file: str | None = None           # None: no authentication (the CLI allows it on loopback only)
-    key_reload_interval_s: float = 1.0
-    rate_limit_storage: str = "memory://"      # memory:// is per ingress replica; redis://... is shared
-    max_request_bytes: int = 2 * 1024 * 1024
-    default_max_tokens: int = 256              # chat and predict without max_tokens (completions default to 16)
-    max_prompts_per_request: int = LIMITS.prompts
-    retry_after_s: int = 1
+from serving.config import ApiSettings
 
 
 @dataclass

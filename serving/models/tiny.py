@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
+from serving.config import DEFAULT_MODEL
 from serving.utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
-TINY_MODEL_NAME = "tiny-llama-2-chat"
 # Bump when the recipe changes, so old caches are rebuilt instead of reused.
 _RECIPE_VERSION = "v1"
 _SEED = 0
@@ -64,12 +64,12 @@ TINY_CONFIG = {
 
 def resolve_model(name_or_path: str) -> Path:
     """Map a model argument to a checkpoint folder, building the embedded default on first use."""
-    if name_or_path == TINY_MODEL_NAME:
+    if name_or_path == DEFAULT_MODEL:
         return ensure_tiny_checkpoint()
     path = Path(name_or_path).expanduser()
     if not (path / "config.json").is_file():
         raise ValueError(
-            f"model {name_or_path!r} is neither {TINY_MODEL_NAME!r} nor a Hugging Face checkpoint folder "
+            f"model {name_or_path!r} is neither {DEFAULT_MODEL!r} nor a Hugging Face checkpoint folder "
             "with a config.json"
         )
     return path
@@ -77,19 +77,19 @@ def resolve_model(name_or_path: str) -> Path:
 
 def ensure_tiny_checkpoint(root: Path | None = None) -> Path:
     root = root or cache_dir()
-    target = root / f"{TINY_MODEL_NAME}-{_RECIPE_VERSION}"
+    target = root / f"{DEFAULT_MODEL}-{_RECIPE_VERSION}"
     if (target / _COMPLETE_MARKER).is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     # Build in a private folder and rename it into place: rename is atomic, so a concurrent first use
     # either wins the rename or finds the finished folder; nobody ever reads a half-written one.
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_NAME}-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=root))
     try:
         build_tiny_checkpoint(staging)
         (staging / _COMPLETE_MARKER).write_text(_RECIPE_VERSION)
         try:
             staging.rename(target)
-            logger.info("built the embedded model %s in %s", TINY_MODEL_NAME, target)
+            logger.info("built the embedded model %s in %s", DEFAULT_MODEL, target)
         except OSError:
             if not (target / _COMPLETE_MARKER).is_file():
                 raise

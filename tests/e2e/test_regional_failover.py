@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 import requests
 
-from serving.deployment import AppConfig
+from serving.app_config import AppConfig
 from tests.fixtures.edge import Edge
 from tests.fixtures.gateway import free_port, mosaic_endpoint, provider_metrics
 from tests.serving.helpers import wait_until

@@ -11,9 +11,9 @@ import torch
 
 from serving import LLM, SamplingParams, kernels
 from serving.api.metrics import Metrics
+from serving.app_config import AppConfig
 from serving.cli import _serve_parser, config_from_args
 from serving.config import EngineConfig
-from serving.deployment import AppConfig
 from serving.layers import attention, kv_quant
 from serving.layers.attention import select_backend
 from serving.models.loader import load_model

@@ -43,6 +43,14 @@ def test_keys_add_list_revoke(tmp_path):
     assert again.returncode == 1 and "no key named" in again.stderr
 
 
+def test_keys_alone_and_dev_help_say_what_they_take():
+    alone = _cli("keys")
+    assert alone.returncode == 2 and all(a in alone.stderr for a in ("add", "revoke", "list"))
+    assert "required" not in alone.stderr
+    dev = _cli("dev", "--help")
+    assert dev.returncode == 0 and "passes through to the server" in dev.stdout and "--gateway-port" in dev.stdout
+
+
 def test_refuses_unsafe_or_invalid_settings_before_starting(tmp_path):
     open_no_auth = _cli("--host", "0.0.0.0", "--port", "8999")
     assert open_no_auth.returncode == 2 and "without API keys" in open_no_auth.stderr

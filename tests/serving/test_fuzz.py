@@ -10,9 +10,10 @@ import torch
 from hypothesis import HealthCheck, settings
 
 from serving.api.app import create_app
-from serving.api.context import ApiContext, ApiSettings
+from serving.api.context import ApiContext
 from serving.api.metrics import Metrics
 from serving.api.ratelimit import RateLimiter
+from serving.config import ApiSettings
 
 
 def _schema() -> dict:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import httpx
 
-from serving.deployment import AppConfig
+from serving.app_config import AppConfig
 from tests.serving.helpers import sse_payloads
 
 AUX = dict(num_replicas=1, llm_num_cpus=0.5, max_num_seqs=4, max_waiting_requests=4, num_kv_blocks=256,

@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from serving.deployment import AppConfig
+from serving.app_config import AppConfig
 from serving.parallel.workers import FOLLOWER_NAME_PREFIX
 from tests.serving.test_lifecycle import AUX, _health, _replicas, _wait
 
