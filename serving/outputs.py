@@ -40,3 +40,18 @@ class RequestOutput:
     # With SamplingParams.prompt_logprobs: per prompt token {token id: log-probability}, None for the first
     # (filled as the prefill advances; complete once the first token is sampled).
     prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One increment of one completion, as an LLM replica streams it to the ingress (over Ray)."""
+
+    index: int                                      # within the request's n completions
+    text: str                                       # new text
+    num_tokens: int                                 # tokens generated so far
+    finish_reason: str | None
+    # With logprobs: the new tokens and their {token id: log-probability} entries (see CompletionOutput).
+    token_ids: list[int] | None = None
+    logprobs: list[dict[int, float]] | None = None
+    # With prompt_logprobs: the prompt's entries (None for the first token), once, in completion 0's first.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from ray.exceptions import RayActorError, RayError
@@ -24,24 +24,13 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerBase
 
-from serving.api.errors import APIError, unavailable
+from serving.api.errors import APIError, bad_request, unavailable
+from serving.engine.errors import ErrorKind, ErrorResult
+from serving.outputs import Delta
 
 logger = logging.getLogger(__name__)
 
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
-
-class Delta(NamedTuple):
-    """One increment of one completion (crosses Ray from an LLM replica to the ingress)."""
-
-    index: int                                      # within the request's n completions
-    text: str                                       # new text
-    num_tokens: int                                 # tokens generated so far
-    finish_reason: str | None
-    # With logprobs: the new tokens and their {token id: log-probability} entries (see CompletionOutput).
-    token_ids: list[int] | None = None
-    logprobs: list[dict[int, float]] | None = None
-    # With prompt_logprobs: the prompt's entries (None for the first token), once, in completion 0's first.
-    prompt_logprobs: list[dict[int, float] | None] | None = None
 
 
 @dataclass
@@ -57,6 +46,17 @@ class EmbeddingInfo:
     dimensions: int
     max_input_tokens: int
     tokenizer: PreTrainedTokenizerBase
+
+
+def error_for(result: ErrorResult, retry_after: int) -> APIError:
+    """The HTTP error for a replica's answer that it could not serve the request."""
+    if result.kind is ErrorKind.OVERLOADED:
+        return unavailable(result.message, "queue_full", retry_after)
+    if result.kind is ErrorKind.UNAVAILABLE:
+        return unavailable(result.message, "replica_unavailable", retry_after)
+    if result.kind is ErrorKind.FAILED:
+        return APIError(500, result.message, "request_failed")
+    return bad_request(result.message)
 
 
 def map_ray_error(exc: BaseException, retry_after: int) -> APIError | None:
@@ -108,8 +108,9 @@ class LLMBackend(_Backend):
             started = ended = False
             try:
                 async for deltas in response:
-                    if isinstance(deltas, APIError):
-                        raise deltas  # the replica's answer for this request (see LLMServer.generate)
+                    if isinstance(deltas, ErrorResult):
+                        # The replica's answer for this request (see LLMServer.generate).
+                        raise error_for(deltas, self.retry_after)
                     started = True
                     yield deltas
                 ended = True
@@ -153,6 +154,6 @@ class EmbeddingBackend(_Backend):
             if error is None:
                 raise
             raise error from None
-        if isinstance(result, APIError):
-            raise result
+        if isinstance(result, ErrorResult):
+            raise error_for(result, self.retry_after)
         return result

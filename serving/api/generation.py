@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from jinja2 import TemplateError
@@ -175,7 +175,7 @@ class GenerationJob:
                         if delta.prompt_logprobs is not None:
                             self.prompt_logprobs[prompt_index] = delta.prompt_logprobs
                         if self.score_only:
-                            delta = delta._replace(text="", num_tokens=0, token_ids=None, logprobs=None)
+                            delta = replace(delta, text="", num_tokens=0, token_ids=None, logprobs=None)
                         choice = self.choices[prompt_index * self.n + delta.index]
                         new = delta.num_tokens - choice.num_tokens
                         choice.num_tokens = delta.num_tokens
