@@ -88,21 +88,28 @@ def run(llm: LLM, requests: list[tuple[list[int], int]], kind: str) -> dict:
 
 def bench_features(llm: LLM, args: argparse.Namespace) -> dict:
     requests = workload(args.num_requests, args.seed, 1000, (16, 256), (16, args.max_output))
-    run(llm, workload(4, args.seed + 1, 1000, (16, 64), (4, 8)), "plain")          # warm-up
+    # Warm-up on the measured workload itself: the first pass over its shapes (allocator growth, the KV pool's
+    # first touch) is far slower than the next and would count against whichever kind ran first.
+    run(llm, requests, "plain")
     run(llm, workload(2, args.seed + 2, 1000, (16, 64), (4, 8)), "json")           # compiles the grammar once
     timer = BitmaskTimer()
     model_runner.fill_bitmask = timer
     try:
-        runs = [run(llm, requests, kind) for _ in range(args.rounds) for kind in KINDS]
+        # Each round starts with another kind, so none is always the one right after the warm-up.
+        runs = [run(llm, requests, kind) for r in range(args.rounds) for kind in KINDS[r % len(KINDS):] + KINDS[:r % len(KINDS)]]
     finally:
         model_runner.fill_bitmask = timer._inner
     mean = {kind: sum(r["tokens_per_s"] for r in runs if r["kind"] == kind) / args.rounds for kind in KINDS}
+    # The fastest round of each kind: other work on a shared machine only ever slows a round down, so the
+    # best round is the closest to what the kind itself costs (timeit's rule).
+    best = {kind: max(r["tokens_per_s"] for r in runs if r["kind"] == kind) for kind in KINDS}
     # CPU time of the whole process (all torch threads): what the work cost, whatever else shares the cores.
     cpu = {kind: sum(r["tokens"] for r in runs if r["kind"] == kind)
            / sum(r["cpu_seconds"] for r in runs if r["kind"] == kind) for kind in KINDS}
     json_runs = [r for r in runs if r["kind"] == "json"]
     json_seconds = sum(r["seconds"] for r in json_runs)
-    return {"runs": runs, "mean_tokens_per_s": mean, "tokens_per_cpu_s": cpu,
+    return {"runs": runs, "mean_tokens_per_s": mean, "best_tokens_per_s": best, "tokens_per_cpu_s": cpu,
+            "best_logprobs_vs_plain": best["logprobs"] / best["plain"], "best_json_vs_plain": best["json"] / best["plain"],
             "logprobs_vs_plain": mean["logprobs"] / mean["plain"], "json_vs_plain": mean["json"] / mean["plain"],
             "json_vs_sampled": mean["json"] / mean["sampled"],
             "cpu_logprobs_vs_plain": cpu["logprobs"] / cpu["plain"], "cpu_json_vs_plain": cpu["json"] / cpu["plain"],
@@ -148,12 +155,13 @@ def bench_scoring(llm: LLM, path: Path, args: argparse.Namespace) -> dict:
 
 def print_table(features: dict, scoring: dict) -> None:
     mean, cpu = features["mean_tokens_per_s"], features["tokens_per_cpu_s"]
-    print("\n| run | tokens/s per round | mean tokens/s | vs plain | tokens per CPU-second | vs plain |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    best = features["best_tokens_per_s"]
+    print("\n| run | tokens/s per round | best round | vs plain | mean tokens/s | vs plain | tokens per CPU-s | vs plain |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind in KINDS:
         rounds = ", ".join(f"{r['tokens_per_s']:.1f}" for r in features["runs"] if r["kind"] == kind)
-        print(f"| {kind} | {rounds} | {mean[kind]:.1f} | {mean[kind] / mean['plain']:.2f}x | {cpu[kind]:.1f} | "
-              f"{cpu[kind] / cpu['plain']:.2f}x |")
+        print(f"| {kind} | {rounds} | {best[kind]:.1f} | {best[kind] / best['plain']:.2f}x | {mean[kind]:.1f} | "
+              f"{mean[kind] / mean['plain']:.2f}x | {cpu[kind]:.1f} | {cpu[kind] / cpu['plain']:.2f}x |")
     print(f"\ngrammar bitmask: {features['bitmask_ms_per_step']:.2f} ms per step of "
           f"{features['json_step_ms']:.1f} ms ({features['bitmask_share_of_json_time']:.1%} of the JSON runs)")
     print("\n| prompt scoring | prompt tokens/s | prompt tokens per CPU-second |")
