@@ -14,6 +14,7 @@ settings, torch threads included (`--engine-threads` to change that).
 
     python benchmarks/serving_load.py                       # concurrency 1 4 16 32
     python benchmarks/serving_load.py --concurrency 1 4 16 --rounds 2 --min-requests 8   # small and quick
+    python benchmarks/serving_load.py --hops    # also on the LLM replica's handle: the cost of each hop
 
 Writes benchmarks/results/serving_load.json and serving_load.png (throughput and latency charts).
 """
@@ -39,6 +40,7 @@ import torch
 from serving.config import EngineConfig
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+APP = "bench"
 
 
 @dataclass
@@ -118,10 +120,11 @@ class Recorder:
         self.last = now
 
 
-async def measure(engine_config: EngineConfig, base_url: str, model: str,
-                  levels: list[tuple[int, list]]) -> tuple[list[Level], list[Level]]:
-    """Each level on the in-process engine, then at once on the server: both sides of a comparison run
-    under the same background load."""
+async def measure(engine_config: EngineConfig, base_url: str, model: str, levels: list[tuple[int, list]],
+                  hops: bool) -> dict[str, list[Level]]:
+    """Each level on the in-process engine, then at once on the server (and with `hops`, in between, on the
+    LLM replica's handle: Ray's transport without the proxy, the ingress and SSE): every path of a level
+    runs under the same background load."""
     import aiohttp
 
     from serving.engine.async_engine import AsyncLLMEngine
@@ -153,18 +156,39 @@ async def measure(engine_config: EngineConfig, base_url: str, model: str,
                     recorder.tokens(json.loads(raw[6:])["usage"]["completion_tokens"])
         return recorder.sample
 
+    async def replica(prompt: list[int], max_tokens: int) -> Sample:
+        params = {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        recorder = Recorder()
+        async for deltas in llm_handle.generate.remote(f"h{next(request_ids)}", prompt, params):
+            recorder.tokens(deltas[-1].num_tokens)
+        return recorder.sample
+
+    paths = {"in_process": in_process, **({"replica": replica} if hops else {}), "server": server}
+    if hops:
+        from ray import serve
+
+        llm_handle = serve.get_deployment_handle("LLMServer", app_name=APP).options(stream=True)
     try:
         warm_up = levels[0][1][:2]
-        await _run_level(1, warm_up, in_process)
-        await _run_level(1, warm_up, server)
-        results = []
+        for one in paths.values():
+            await _run_level(1, warm_up, one)
+        results: dict[str, list[Level]] = {name: [] for name in paths}
         for concurrency, requests in levels:
-            results.append((await _run_level(concurrency, requests, in_process),
-                            await _run_level(concurrency, requests, server)))
-        return [a for a, _ in results], [b for _, b in results]
+            for name, one in paths.items():
+                results[name].append(await _run_level(concurrency, requests, one))
+        return results
     finally:
         await session.close()
         await engine.shutdown()
+
+
+def hop_costs(in_process: list[dict], replica: list[dict], server: list[dict]) -> list[dict]:
+    """Per level, the p50 TTFT and inter-token latency each hop adds: Ray's transport from the LLM replica
+    (replica handle - in process), then the HTTP path (proxy, ingress, SSE: server - replica handle)."""
+    return [{"concurrency": a["concurrency"],
+             **{f"{m}_transport_ms": round(b[f"{m}_p50_ms"] - a[f"{m}_p50_ms"], 2) for m in ("ttft", "itl")},
+             **{f"{m}_http_ms": round(c[f"{m}_p50_ms"] - b[f"{m}_p50_ms"], 2) for m in ("ttft", "itl")}}
+            for a, b, c in zip(in_process, replica, server)]
 
 
 def _free_port() -> int:
@@ -213,6 +237,9 @@ def main() -> int:
     parser.add_argument("--engine-threads", type=int,
                         help="torch threads of the in-process engine (default: the server replica's CPU share, "
                              "so both run the same engine settings)")
+    parser.add_argument("--hops", action="store_true",
+                        help="also time the LLM replica's handle directly, to split the serving path's cost into "
+                             "Ray's transport and the HTTP path (proxy, ingress, SSE)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serving_load.json")
     args = parser.parse_args()
 
@@ -246,11 +273,12 @@ def main() -> int:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print("starting the server ...", flush=True)
-        serve.run(build_app(app), name="bench", route_prefix="/")
+        serve.run(build_app(app), name=APP, route_prefix="/")
         print(f"measuring: in-process engine ({threads} torch threads) then server (replica with "
               f"{app.llm_num_cpus:g} CPUs), level by level ...", flush=True)
-        in_process, server = asyncio.run(measure(app.engine_config(), f"http://127.0.0.1:{port}",
-                                                 app.engine_config().served_model_name, levels))
+        paths = asyncio.run(measure(app.engine_config(), f"http://127.0.0.1:{port}",
+                                    app.engine_config().served_model_name, levels, args.hops))
+        in_process, server = paths["in_process"], paths["server"]
     finally:
         if ray.is_initialized():
             serve.shutdown()
@@ -269,6 +297,9 @@ def main() -> int:
         {"concurrency": a.concurrency, "throughput_ratio": round(b.tokens_per_s / a.tokens_per_s, 3)}
         for a, b in zip(in_process, server)
     ]
+    if args.hops:
+        results["replica"] = [lv.summary() for lv in paths["replica"]]
+        results["hops"] = hop_costs(results["in_process"], results["replica"], results["server"])
     header = (f"{'N':>4} {'engine tok/s':>12} {'server tok/s':>12} {'ratio':>6} | {'TTFT p50/p99 ms (engine)':>25} "
               f"{'(server)':>17} | {'ITL p50/p99 ms (engine)':>24} {'(server)':>15}")
     print(header)
@@ -276,6 +307,13 @@ def main() -> int:
         print(f"{a['concurrency']:>4} {a['tokens_per_s']:>12.1f} {b['tokens_per_s']:>12.1f} {c['throughput_ratio']:>6.2f} | "
               f"{a['ttft_p50_ms']:>12.1f}/{a['ttft_p99_ms']:<12.1f} {b['ttft_p50_ms']:>8.1f}/{b['ttft_p99_ms']:<8.1f} | "
               f"{a['itl_p50_ms']:>11.2f}/{a['itl_p99_ms']:<12.2f} {b['itl_p50_ms']:>7.2f}/{b['itl_p99_ms']:<7.2f}")
+    if args.hops:
+        print("\nWhere the time goes (p50, ms added by each hop over the one before it):")
+        print(f"{'N':>4} {'TTFT: replica handle':>21} {'proxy+ingress+SSE':>18} | {'ITL: replica handle':>20} "
+              f"{'proxy+ingress+SSE':>18}")
+        for h in results["hops"]:
+            print(f"{h['concurrency']:>4} {h['ttft_transport_ms']:>21.2f} {h['ttft_http_ms']:>18.2f} | "
+                  f"{h['itl_transport_ms']:>20.2f} {h['itl_http_ms']:>18.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     png = args.out.with_suffix(".png")
