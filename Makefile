@@ -14,8 +14,11 @@ $(STAMP): setup.cfg pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q -c requirements/constraints.txt -e '.[serving,gateway,shared-limits,test]'
 	touch $(STAMP)
 
+# Flags for `mosaic-serve dev` and the server, e.g. make serve SERVE_ARGS="--gateway-port 5001"
+SERVE_ARGS ?=
+
 serve: install
-	$(PY) -m serving.cli dev
+	$(PY) -m serving.cli dev $(SERVE_ARGS)
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests

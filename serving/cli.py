@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -416,14 +417,21 @@ def dev_main(argv: list[str]) -> int:
                                  "max_tokens": 32}, timeout=120)
         reply.raise_for_status()
         print(f"\nReady. Try:\n  {curl_line(base_url, model, key_path)}", flush=True)
-        if gateway is not None:
+        if gateway is not None and _gateway_ready(gateway, args.gateway_port):
             print(f"\nMLflow AI Gateway on http://127.0.0.1:{args.gateway_port} (endpoints llama2-chat, "
-                  "llama2-completions, embeddings):\n  python -c \"from mlflow.deployments import get_deploy_client; "
-                  f"print(get_deploy_client('http://127.0.0.1:{args.gateway_port}').predict(endpoint='llama2-chat', "
-                  "inputs={'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 16}))\"", flush=True)
+                  f"llama2-completions, embeddings; it checks no caller keys):\n  {gateway_line(args.gateway_port)}",
+                  flush=True)
+        elif gateway is not None:
+            print(f"\nThe MLflow AI Gateway did not come up on port {args.gateway_port} (see its log above); "
+                  "serving goes on without it.", flush=True)
         print("\nCtrl-C stops the server.", flush=True)
 
-    gateway = _start_gateway(args.gateway_port, args.port, key, args.dir) if args.gateway_port else None
+    gateway = None
+    if args.gateway_port and _port_taken(args.gateway_port):
+        print(f"Port {args.gateway_port} is taken by another program (`mlflow ui`? macOS AirPlay Receiver?): "
+              "running without the MLflow AI Gateway; --gateway-port N picks another port.", flush=True)
+    elif args.gateway_port:
+        gateway = _start_gateway(args.gateway_port, args.port, key, args.dir)
     try:
         return serve_main(["--host", "127.0.0.1", "--port", str(args.port), "--api-keys-file", str(keys_file),
                            *rest], on_ready=on_ready)
@@ -431,6 +439,42 @@ def dev_main(argv: list[str]) -> int:
         if gateway is not None:
             os.killpg(gateway.pid, signal.SIGTERM)
             gateway.wait(timeout=30)
+
+
+def gateway_line(port: int) -> str:
+    """A command that calls the dev gateway, with this interpreter (the venv's, where mlflow is installed)."""
+    return (f"{sys.executable} -c \"from mlflow.deployments import get_deploy_client; "
+            f"print(get_deploy_client('http://127.0.0.1:{port}').predict(endpoint='llama2-chat', "
+            "inputs={'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 16}))\"")
+
+
+def _port_taken(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port or holds the port (gunicorn could not bind it, or would
+    share it with another program that answers instead)."""
+    with socket.socket() as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            return True
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def _gateway_ready(gateway: subprocess.Popen, port: int, timeout_s: float = 60.0) -> bool:
+    """Whether our gateway process is running and answers its health check."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while gateway.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return gateway.poll() is None
+        time.sleep(0.5)
+    return False
 
 
 def _start_gateway(port: int, serving_port: int, key: str, dev_dir: Path) -> subprocess.Popen:

@@ -3,6 +3,7 @@ config file for `serve deploy`."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import yaml
 
 from serving.api.auth import KeyStore, hash_key, list_keys
-from serving.cli import _dev_key, curl_line
+from serving.cli import _dev_key, _port_taken, curl_line, gateway_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,3 +112,15 @@ def test_cli_refuses_a_running_cluster_without_keys():
     """--address: the cluster's proxies keep their own HTTP options, so loopback cannot be promised."""
     refused = _cli("--address", "127.0.0.1:1", "--host", "127.0.0.1")
     assert refused.returncode == 2 and "running Ray cluster without API keys" in refused.stderr
+
+
+def test_dev_gateway_port_check_and_example():
+    """`make serve` skips the gateway when its port is taken; the example it prints runs with this venv."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        assert _port_taken(port)
+    assert not _port_taken(port)
+    line = gateway_line(port)
+    assert line.startswith(f"{sys.executable} -c ") and f"http://127.0.0.1:{port}" in line
