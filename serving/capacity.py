@@ -4,7 +4,7 @@ Every number is per tensor-parallel rank (one GPU) unless it says otherwise, and
 does: column/row-parallel linears and the vocabulary-parallel embedding and LM head split by the TP size,
 KV heads split too (replicated when there are fewer KV heads than ranks), norms replicated on each rank;
 the KV pool is `kv_cache_memory_fraction` of the memory left after the weights, in whole blocks, capped at
-what `max_num_seqs` full-length sequences could use (ModelRunner._default_num_kv_blocks).
+what `max_num_seqs` full-length sequences could use (default_kv_pool, which the engine calls).
 
 Speed bounds are rooflines, upper bounds that ignore communication and kernel efficiency:
 - batch-1 decode is bandwidth bound: each token reads every weight and the sequence's cached keys and
@@ -157,12 +157,30 @@ def weight_bytes_per_gpu(shape: ModelShape, d: Deployment) -> int:
     return linear_bytes + (tables + norms) * dtype_bytes
 
 
+@dataclass(frozen=True)
+class KVPoolSize:
+    blocks: int
+    reason: str                                  # why this many, for the engine's start-up log line
+
+
+def default_kv_pool(free_bytes: float, bytes_per_block: int, memory_fraction: float, max_num_seqs: int,
+                    max_model_len: int, block_size: int) -> KVPoolSize:
+    """The engine's default KV pool: what `max_num_seqs` full-length sequences can use, capped at
+    `memory_fraction` of `free_bytes` (the memory left after the weights)."""
+    budget = int(free_bytes * memory_fraction) // bytes_per_block
+    useful = max_num_seqs * -(-max_model_len // block_size)
+    need = f"max_num_seqs={max_num_seqs} sequences of max_model_len={max_model_len} tokens"
+    share = f"{memory_fraction:.0%} of {free_bytes / 2**30:.1f} GiB free (kv_cache_memory_fraction)"
+    if useful <= budget:
+        return KVPoolSize(max(1, useful), f"what {need} use, under {share}; num_kv_blocks, or a lower "
+                          "max_num_seqs or max_model_len, makes it smaller")
+    return KVPoolSize(max(1, budget), f"{share}; {need} would use {useful * bytes_per_block / 2**30:.1f} GiB")
+
+
 def kv_pool_blocks(free_bytes: float, shape: ModelShape, d: Deployment, max_model_len: int) -> int:
     """KV blocks the engine allocates from `free_bytes` left after the weights (as ModelRunner does)."""
-    bytes_per_block = d.block_size * kv_bytes_per_token(shape, d)
-    budget = int(free_bytes * d.kv_cache_memory_fraction) // bytes_per_block
-    useful = d.max_num_seqs * -(-max_model_len // d.block_size)
-    return max(1, min(budget, useful))
+    return default_kv_pool(free_bytes, d.block_size * kv_bytes_per_token(shape, d), d.kv_cache_memory_fraction,
+                           d.max_num_seqs, max_model_len, d.block_size).blocks
 
 
 def flops_per_token(shape: ModelShape, context: int) -> float:

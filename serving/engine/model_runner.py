@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from serving.capacity import KVPoolSize, default_kv_pool
 from serving.config import EngineConfig
 from serving.engine import kv_cache
 from serving.engine.guided import fill_bitmask
@@ -101,26 +102,27 @@ class ModelRunner:
                                                          config.block_size, config.kv_cache_dtype)
         for layer in layers:
             layer.backend = backend
-        self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks(layers, max_model_len)
+        pool = (KVPoolSize(config.num_kv_blocks, "num_kv_blocks") if config.num_kv_blocks
+                else self._default_kv_pool(layers, max_model_len))
+        self.num_kv_blocks = pool.blocks
         if agree_num_kv_blocks is not None:
             self.num_kv_blocks = agree_num_kv_blocks(self.num_kv_blocks)
         self.kv_pool = kv_cache.allocate(layers, self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
                                           self.dtype, self.device)
-        logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token (%.1f MiB) on %s",
+        logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s (%s%s)",
                     self.num_kv_blocks, self.block_size, config.kv_cache_dtype, self.kv_pool.bytes_per_token,
-                    self.kv_pool.nbytes / 2**20, self.device)
+                    self.kv_pool.nbytes / 2**20, self.device, pool.reason,
+                    "" if self.num_kv_blocks == pool.blocks else "; the smallest of the tensor-parallel ranks")
 
-    def _default_num_kv_blocks(self, layers: list[Attention], max_model_len: int) -> int:
-        """A share of free memory, but no more than max_num_seqs full-length sequences could ever use."""
+    def _default_kv_pool(self, layers: list[Attention], max_model_len: int) -> KVPoolSize:
         bytes_per_block = self.block_size * kv_cache.kv_bytes_per_token(
             len(layers), layers[0].num_kv_heads, layers[0].head_dim, self.config.kv_cache_dtype, self.dtype)
         if self.device.type == "cuda":
             free_bytes, _ = torch.cuda.mem_get_info(self.device)
         else:
             free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        budget = int(free_bytes * self.config.kv_cache_memory_fraction) // bytes_per_block
-        useful = self.config.max_num_seqs * -(-max_model_len // self.block_size)
-        return max(1, min(budget, useful))
+        return default_kv_pool(free_bytes, bytes_per_block, self.config.kv_cache_memory_fraction,
+                               self.config.max_num_seqs, max_model_len, self.block_size)
 
     def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, StepPlan]:
         """Host-side inputs for one step, and which sequences its outputs belong to."""

@@ -94,3 +94,14 @@ def test_plan_command(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path), "--tensor-parallel-size", "3"]) == 2
     assert "tensor_parallel_size=3 must divide" in capsys.readouterr().err
     assert main(["plan", "--model", str(tmp_path / "missing")]) == 2
+
+
+def test_default_kv_pool_says_which_bound_holds():
+    from serving.capacity import default_kv_pool
+
+    # 256 sequences of 4096 tokens in 16-token blocks of 64 KiB: 4 GiB, under 30% of 64 GiB.
+    full = default_kv_pool(64 * 2**30, 2**16, 0.3, 256, 4096, 16)
+    assert full.blocks == 256 * 256 and "max_num_seqs=256" in full.reason and "30% of 64.0 GiB" in full.reason
+    # With 8 GiB free the memory share binds: 2.4 GiB of blocks, and the line says what the batch would need.
+    short = default_kv_pool(8 * 2**30, 2**16, 0.3, 256, 4096, 16)
+    assert short.blocks == int(8 * 2**30 * 0.3) // 2**16 and "would use 4.0 GiB" in short.reason
