@@ -7,39 +7,60 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from serving.capacity import DTYPE_BYTES, Deployment, Hardware, Load, ModelShape, plan
+from serving.config import EngineConfig
 
 _GB = 1e9
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, unless the help text says it in its own words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default" in text or action.default is None and action.required else \
+            super()._get_help_string(action)
+
+
+def _engine_help(name: str) -> str:
+    """The engine setting's own help text (serving/config.py)."""
+    return next(f.metadata["help"] for f in dataclasses.fields(EngineConfig) if f.name == name)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mosaic-serve plan", description="Capacity plan: memory, KV cache, speed "
-                                "bounds (rooflines) and replicas for a target load.")
+    p = argparse.ArgumentParser(prog="mosaic-serve plan", formatter_class=_DefaultsShown,
+                                description="Capacity plan: memory, KV cache, speed bounds (rooflines) and "
+                                            "replicas for a target load.")
     p.add_argument("--model", required=True, help="checkpoint folder, its config.json, or tiny-llama-2-chat")
-    p.add_argument("--tensor-parallel-size", type=int, default=Deployment.tensor_parallel_size)
-    p.add_argument("--gpus", type=int, default=8, help="GPUs available in all")
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--tensor-parallel-size", type=int, default=Deployment.tensor_parallel_size,
+                   help=_engine_help("tensor_parallel_size"))
+    p.add_argument("--gpus", type=int, default=Hardware.gpus, help="GPUs available in all")
+    p.add_argument("--gpu-memory-gb", type=float, default=Hardware.gpu_memory_gb,
+                   help="memory per GPU in GB (1e9 bytes), an A100 80GB by default")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_BYTES], help="auto: bfloat16, as on CUDA")
-    p.add_argument("--kv-cache-dtype", default=Deployment.kv_cache_dtype, choices=["auto", "int8"])
-    p.add_argument("--quantization", default=None, choices=["int8"], help="weight-only int8")
-    p.add_argument("--hbm-bandwidth-gbs", type=float, default=2039.0,
-                   help="memory bandwidth per GPU in GB/s (default: A100 80GB SXM, 2039)")
-    p.add_argument("--gpu-tflops", type=float, default=312.0,
-                   help="dense bf16/fp16 TFLOP/s per GPU (default: A100, 312)")
-    p.add_argument("--block-size", type=int, default=Deployment.block_size)
+    p.add_argument("--kv-cache-dtype", default=Deployment.kv_cache_dtype, choices=["auto", "int8"],
+                   help=_engine_help("kv_cache_dtype"))
+    p.add_argument("--quantization", default=Deployment.quantization, choices=["int8"],
+                   help=_engine_help("quantization"))
+    p.add_argument("--hbm-bandwidth-gbs", type=float, default=Hardware.hbm_bandwidth_gbs,
+                   help="memory bandwidth per GPU in GB/s, an A100 80GB SXM's by default")
+    p.add_argument("--gpu-tflops", type=float, default=Hardware.tflops,
+                   help="dense bf16/fp16 TFLOP/s per GPU, an A100's by default")
+    p.add_argument("--block-size", type=int, default=Deployment.block_size, help=_engine_help("block_size"))
     p.add_argument("--kv-cache-memory-fraction", type=float, default=Deployment.kv_cache_memory_fraction,
-                   help="share of the memory left after the weights that the KV pool takes (the engine's "
-                        "default, %(default)s)")
-    p.add_argument("--max-num-seqs", type=int, default=Deployment.max_num_seqs)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--requests-per-s", type=float, default=1.0, help="target load")
-    p.add_argument("--prompt-tokens", type=int, default=512)
-    p.add_argument("--output-tokens", type=int, default=256)
-    p.add_argument("--utilization", type=float, default=0.5,
-                   help="share of the roofline the replica count counts on (default 0.5)")
+                   help="share of the memory left after the weights that the KV pool may take (the engine's "
+                        "default)")
+    p.add_argument("--max-num-seqs", type=int, default=Deployment.max_num_seqs, help=_engine_help("max_num_seqs"))
+    p.add_argument("--max-model-len", type=int, help=_engine_help("max_model_len"))
+    p.add_argument("--requests-per-s", type=float, default=Load.requests_per_s, help="target load")
+    p.add_argument("--prompt-tokens", type=int, default=Load.prompt_tokens, help="prompt tokens per request")
+    p.add_argument("--output-tokens", type=int, default=Load.output_tokens, help="generated tokens per request")
+    p.add_argument("--utilization", type=float, default=Load.utilization,
+                   help="share of the roofline the replica count counts on")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
 

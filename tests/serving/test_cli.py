@@ -124,3 +124,14 @@ def test_dev_gateway_port_check_and_example():
     assert not _port_taken(port)
     line = gateway_line(port)
     assert line.startswith(f"{sys.executable} -c ") and f"http://127.0.0.1:{port}" in line
+
+
+def test_plan_flags_have_help_and_defaults():
+    from serving.plan_cli import _parser
+
+    parser = _parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest != "help":
+            shown = formatter._get_help_string(action)
+            assert action.help and ("(default" in shown or action.required), action.dest
