@@ -19,6 +19,7 @@ from pydantic.fields import FieldInfo
 
 from serving.config import DEFAULT_MODEL, ApiSettings, EngineConfig
 from serving.embeddings import DEFAULT_EMBEDDING_MODEL
+from serving.replicas.placement import check_placement
 
 
 class AutoscalingSettings(BaseModel):
@@ -113,8 +114,6 @@ class _AppConfigBase(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> _AppConfigBase:
-        from serving.replicas.placement import check_placement
-
         # Fail at build time with the engine's, the API's and the limiter's own messages, not later inside a
         # replica.
         self.engine_config()
