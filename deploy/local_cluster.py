@@ -130,9 +130,11 @@ class LocalCluster:
         """`expression` evaluated in a short-lived driver process connected to the cluster, as JSON."""
         script = (f"import json, ray; ray.init(address={self.address!r}, log_to_driver=False, "
                   f"logging_level='ERROR'); print(json.dumps({expression}))")
-        out = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
-                             timeout=120, check=True).stdout
-        return json.loads(out.strip().splitlines()[-1])
+        done = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True,
+                              timeout=120, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"asking the cluster failed: {done.stderr[-1500:]}")
+        return json.loads(done.stdout.strip().splitlines()[-1])
 
     def down(self) -> None:
         for proc in [*self.workers, self.head]:

@@ -71,9 +71,20 @@ def test_serve_deploy_packs_tensor_parallel_ranks_and_shares_limits(tmp_path, re
 
         wait_until(healthy, 300, f"the deployed app (Ray logs in {ray_tmp})", interval_s=1)
 
-        actors = cluster.actors()
+        actors: list[dict] = []
+
+        def listed() -> bool:
+            """The live actors, once both ingress replicas and the follower show (the state API can lag
+            behind /health, and fail while the head is busy)."""
+            try:
+                actors[:] = cluster.actors()
+            except RuntimeError:
+                return False
+            classes = Counter(a["class"] for a in actors)
+            return classes["ServeReplica:mosaic:Ingress"] == 2 and classes["_FollowerActor"] == 1
+
+        wait_until(listed, 120, "the actors in the state API", interval_s=2)
         nodes = {a["class"].rsplit(":", 1)[-1]: a["node"] for a in actors}
-        assert Counter(a["class"] for a in actors)["ServeReplica:mosaic:Ingress"] == 2
         assert nodes["_FollowerActor"] == nodes["LLMServer"]  # rank 1 beside rank 0
 
         headers = {"Authorization": f"Bearer {key}"}
