@@ -34,6 +34,8 @@ from serving.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 CHAT_ROLES = ("system", "user", "assistant")
+# The probe step (LLMEngine._probe) samples one token greedily.
+_PROBE_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
 
 @dataclass
@@ -78,8 +80,8 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size)
         self._requests: dict[str, Request] = {}
         self._failures: dict[str, RequestFailedError] = {}
-        # Consecutive isolations that blamed one request without any step succeeding (see _isolate).
-        self._unproven_failures = 0
+        # The probe step's prompt (see _probe): fixed text, so it is the same known-good input every time.
+        self._probe_ids: list[int] = self.tokenizer.encode("Hello", add_special_tokens=True)
         self.num_steps = 0
 
     # ---- input -------------------------------------------------------------------------------------------
@@ -208,7 +210,6 @@ class LLMEngine:
             batch, executed = self._isolate(batch, error)
             if executed is None:
                 return []
-        self._unproven_failures = 0
         inputs, plan, result = executed
         sampled = plan.sampled
         token_ids: list[int] = result.token_ids.tolist()
@@ -273,15 +274,16 @@ class LLMEngine:
         requests: a binary search for the shortest failing prefix of the batch's requests by arrival; its
         newest request is the culprit (the prefix before it ran fine). Repeated until the rest runs.
 
-        A failure that no request explains is the engine's own (a device error, an OOM left after freeing):
-        when two requests in a row each failed alone and no step ran in between, the error is re-raised and
-        the caller declares the engine dead.
+        When no trial ran (the culprit is the batch's oldest request, or alone), the engine itself may be
+        what fails (a device error, an OOM left after freeing): a probe step that holds no client request
+        decides. If it fails too, the error is re-raised and the caller declares the engine dead; if it
+        runs, the culprit is failed alone, however many such requests came in a row.
         """
         suspects = sorted({s.request.request_id: s.request for s in batch.seqs}.values(),
                           key=lambda r: r.arrival_time)
         logger.warning("engine step failed with %s over %d requests; isolating the cause",
                        type(error).__name__, len(suspects))
-        proven = False   # some trial ran: the engine itself works
+        proven = False   # some step ran: the engine itself works
         remaining, failing = suspects, True
         executed = None
         while remaining and failing:
@@ -294,16 +296,20 @@ class LLMEngine:
                     lo, proven = mid + 1, True
             culprit = remaining[hi - 1]
             remaining = [r for r in remaining if r is not culprit]
-            if not proven:
-                self._unproven_failures += 1
-                if self._unproven_failures >= 2:
-                    raise error
+            # Failed first, so that its blocks are free for the probe.
             self._fail_request(culprit, error)
+            if not proven:
+                if not self._probe():
+                    logger.error("the probe step failed too (%s): the engine cannot run steps",
+                                 type(error).__name__)
+                    # Not its fault after all: it ends with the engine's death like every other request.
+                    del self._failures[culprit.request_id]
+                    raise error
+                proven = True
             if remaining:
                 batch = _sub_batch(batch, remaining)
                 executed = self._trial(batch)
                 failing = executed is None
-                proven = proven or not failing
         if executed is None:
             batch = _sub_batch(batch, [])
         return batch, executed
@@ -315,6 +321,29 @@ class LLMEngine:
             raise
         except Exception:  # noqa: BLE001 (a trial is expected to fail while the culprit is in it)
             return None
+
+    def _probe(self) -> bool:
+        """Whether the executor runs a step that holds no client request: a greedy prefill of a fixed
+        prompt on fresh KV blocks (never offered to the prefix cache), freed afterwards."""
+        request = Request(request_id="engine-probe", prompt=None, prompt_token_ids=self._probe_ids,
+                          params=_PROBE_PARAMS)
+        seq = Sequence(request, 0, IncrementalDetokenizer(self._backend_tokenizer, self._probe_ids, []))
+        num_new = seq.num_tokens
+        if not self.block_manager.grow(seq, num_new):
+            # Cannot happen after failing a scheduled request (its blocks are free); without a block the
+            # engine cannot be blamed, so the request is.
+            logger.warning("no free KV block for the probe step; blaming the request")
+            return True
+        try:
+            self._execute(SchedulerOutput(seqs=[seq], num_new_tokens=[num_new],
+                                          num_prefill_seqs=int(num_new > 1)))
+            return True
+        except EngineDeadError:
+            raise
+        except Exception:  # noqa: BLE001 (the answer: the engine cannot run a step)
+            return False
+        finally:
+            self.block_manager.free(seq)
 
     def _fail_request(self, request: Request, error: Exception) -> None:
         logger.warning("request %s failed in the engine step (%s); removed, the engine serves on",

@@ -91,23 +91,50 @@ def test_offline_generate_raises_the_failure_and_stays_usable(llm, prompts, refe
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == reference
 
 
+def test_poisoned_requests_in_a_row_fail_alone_and_the_engine_serves_on(llm, prompts, reference):
+    """A hostile client sending poison after poison, each alone in the engine (no good step in between),
+    or several at once: a probe step proves the engine healthy every time, so only they fail."""
+    engine = llm.engine
+    steps_before = engine.num_steps
+    for i in range(4):
+        engine.add(poisoned(engine.make_request, f"alone{i}", random_prompt(12 + i, seed=40 + i)))
+        assert engine.step() == [] and set(engine.pop_failures()) == {f"alone{i}"}
+    for i in range(3):
+        engine.add(poisoned(engine.make_request, f"together{i}", random_prompt(20 + i, seed=60 + i)))
+    assert engine.step() == [] and set(engine.pop_failures()) == {f"together{i}" for i in range(3)}
+    assert engine.num_steps == steps_before   # no client step ran in between
+    stats = engine.stats()
+    assert stats.num_running == stats.num_waiting == 0 and stats.kv_cache_usage == 0.0
+    [again] = llm.generate([prompts[1]], GREEDY)
+    assert again.outputs[0].token_ids == reference[1]
+
+
 def test_a_failure_no_request_explains_is_the_engine_s_death(llm, prompts, monkeypatch):
     engine = llm.engine
+    calls = []
 
-    def broken(_inputs):
+    def broken(inputs):
+        calls.append(inputs)
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(engine.executor, "run", broken)
-    # Alone, a request cannot be told from the device: it is failed first...
+    # The lone request could be the cause, but the probe step (no client request) fails as well.
     engine.add(engine.make_request("alone", prompts[0], GREEDY))
-    assert engine.step() == [] and set(engine.pop_failures()) == {"alone"}
-    # ...but when the next one fails alone too, with no step run in between, the engine gives up.
-    engine.add(engine.make_request("next", prompts[1], GREEDY))
     with pytest.raises(RuntimeError, match="device lost"):
         engine.step()
-    engine.abort_request("next")
+    assert len(calls) == 2   # the step and the probe
+    assert engine.pop_failures() == {}   # the request is not blamed for the engine's death
+    probe_tokens = calls[1].input_ids.tolist()
+    assert probe_tokens != prompts[0] and len(probe_tokens) == len(engine._probe_ids)
+    # A full batch fails the same way: its oldest request first, then the probe.
+    engine.add(engine.make_request("a", prompts[1], GREEDY))
+    engine.add(engine.make_request("b", prompts[2], GREEDY))
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    for request_id in ("a", "b"):
+        engine.abort_request(request_id)
     monkeypatch.undo()
-    engine._unproven_failures = 0
+    assert engine.stats().kv_cache_usage == 0.0   # the probe gave its blocks back
 
 
 async def test_async_engine_streams_others_on(llama_dir: Path, prompts, reference):
