@@ -11,6 +11,10 @@ streams, a suffix that could still grow into a stop string is held back, so stre
 concatenate to the final text. Both checks cost what the new text costs, not what the whole output does:
 the search starts a stop string's length before the new chunk, and the held-back length is kept by one
 Knuth-Morris-Pratt matcher per stop string, advanced over each new character once.
+
+With `min_tokens`, stop strings are not searched until more than `min_tokens` tokens were added (vLLM's
+semantics, like the EOS ban in the sampler): a stop string within the first tokens' text does not end the
+output, one that ends in a later token's text does (even when it starts earlier).
 """
 from __future__ import annotations
 
@@ -39,9 +43,10 @@ class IncrementalDetokenizer:
     __slots__ = (
         "_backend",
         "_matchers",
-        "_max_stop_len",
+        "_min_tokens",
         "_num_matched_chars",
         "_num_read",
+        "_num_tokens",
         "_num_sent_chars",
         "_read_text",
         "_stop",
@@ -49,14 +54,15 @@ class IncrementalDetokenizer:
         "text",
     )
 
-    def __init__(self, backend: Tokenizer, prompt_token_ids: list[int], stop: list[str]):
+    def __init__(self, backend: Tokenizer, prompt_token_ids: list[int], stop: list[str], min_tokens: int = 0):
         self._backend = backend
         # Token window: [0, _num_read) are already turned into text (decoding to _read_text), the rest not.
         self._window = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         self._num_read = len(self._window)
         self._read_text = self._decode(self._window)
         self._stop = stop
-        self._max_stop_len = max((len(s) for s in stop), default=0)
+        self._min_tokens = min_tokens
+        self._num_tokens = 0   # tokens added
         self._matchers = [_PrefixMatcher(s) for s in stop]
         self._num_matched_chars = 0   # characters of `text` the matchers have consumed
         self.text = ""
@@ -68,6 +74,7 @@ class IncrementalDetokenizer:
     def add_token(self, token_id: int) -> bool:
         """Decode one generated token; True when the text now contains a stop string (it is cut there)."""
         self._window.append(token_id)
+        self._num_tokens += 1
         full = self._decode(self._window)
         if full.endswith(_INCOMPLETE) and len(self._window) - self._num_read < _MAX_CHAR_TOKENS:
             return False
@@ -89,11 +96,11 @@ class IncrementalDetokenizer:
             return False
         start = len(self.text)
         self.text += chunk
-        if not self._stop:
+        if not self._stop or self._num_tokens <= self._min_tokens:
             return False
-        # Only a match overlapping the new chunk can be new.
-        search_from = max(0, start - self._max_stop_len + 1)
-        cut = min((i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0), default=-1)
+        # Only a match ending in the new chunk can be new (earlier ones were cut, or ignored under min_tokens).
+        cut = min((i for i in (self.text.find(s, max(0, start - len(s) + 1)) for s in self._stop) if i >= 0),
+                  default=-1)
         if cut < 0:
             return False
         self.text = self.text[:cut]
@@ -126,8 +133,9 @@ class IncrementalDetokenizer:
 class _PrefixMatcher:
     """Knuth-Morris-Pratt over a growing text: the longest proper prefix of `pattern` the text ends with.
 
-    The text fed never contains the whole pattern (it is cut at a match and then finished), so the state
-    stays below len(pattern); each character costs amortized O(1).
+    The text fed contains the whole pattern only where a match is ignored (under min_tokens; otherwise the
+    text is cut there and finished): the state then falls back to the longest proper prefix that the text
+    ends with. Each character costs amortized O(1).
     """
 
     __slots__ = ("_failure", "_pattern", "_state")
@@ -153,7 +161,7 @@ class _PrefixMatcher:
                 k = failure[k - 1]
             if char == pattern[k]:
                 k += 1
-        # A full match cannot be pending; fall back to the longest proper prefix (only on a caller's misuse).
+        # A full match (an ignored one) is not pending; fall back to the longest proper prefix.
         if k > last:
             k = failure[last]
         self._state = k

@@ -155,7 +155,7 @@ class LLMEngine:
             eos = [] if params.ignore_eos else sorted(self.eos_token_ids)
             request.min_tokens_banned = sorted({*eos, *params.stop_token_ids})
         for index in range(params.n):
-            detokenizer = IncrementalDetokenizer(self._backend_tokenizer, token_ids, params.stop)
+            detokenizer = IncrementalDetokenizer(self._backend_tokenizer, token_ids, params.stop, params.min_tokens)
             grammar = new_matcher(compiled) if compiled is not None else None
             request.seqs.append(Sequence(request, index, detokenizer, grammar))
         return request

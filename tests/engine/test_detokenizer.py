@@ -17,8 +17,8 @@ def tokenizer(tiny_chat_dir: Path):
     return AutoTokenizer.from_pretrained(tiny_chat_dir)
 
 
-def stream(tokenizer, prompt: list[int], output: list[int], stop: list[str] | None = None):
-    detok = IncrementalDetokenizer(backend_tokenizer(tokenizer), prompt, stop or [])
+def stream(tokenizer, prompt: list[int], output: list[int], stop: list[str] | None = None, min_tokens: int = 0):
+    detok = IncrementalDetokenizer(backend_tokenizer(tokenizer), prompt, stop or [], min_tokens)
     pieces = []
     stopped = False
     for i, token_id in enumerate(output):
@@ -68,6 +68,30 @@ def test_stop_string_spanning_many_tokens_is_held_back_until_decided(tokenizer):
     detok, pieces, stopped = stream(tokenizer, prompt, output, stop=["beta gamma delta"])
     # Never matched: everything comes out in the end, and nothing was emitted twice.
     assert not stopped and "".join(pieces) == detok.text == " alpha beta gamma"
+
+
+def cut_after_min_tokens(text: str, stop: str, prefix_len: int) -> int | None:
+    """Where one stop string cuts `text` when matches within its first `prefix_len` characters (the first
+    min_tokens tokens' text) do not count: the first match that ends past them, or None."""
+    return next((i for i in range(len(text) - len(stop) + 1)
+                 if text.startswith(stop, i) and i + len(stop) > prefix_len), None)
+
+
+def test_min_tokens_ignores_stop_strings_in_the_first_tokens(tokenizer):
+    prompt = tokenizer.encode("Q:")
+    output = tokenizer.encode("one two three four five", add_special_tokens=False)
+    full, _, _ = stream(tokenizer, prompt, output)
+    # "e " spans tokens ("▁one" + "▁two"): with min_tokens=1 it starts in an ignored token and ends after.
+    stop = "e "
+    cuts = set()
+    for min_tokens in range(len(output) + 1):
+        prefix, _, _ = stream(tokenizer, prompt, output[:min_tokens]) if min_tokens else (None, None, None)
+        cut = cut_after_min_tokens(full.text, stop, len(prefix.text) if prefix else 0)
+        detok, pieces, stopped = stream(tokenizer, prompt, output, [stop], min_tokens)
+        assert stopped == (cut is not None), min_tokens
+        assert detok.text == full.text[:cut] == "".join(pieces), min_tokens
+        cuts.add(cut)
+    assert len(cuts) >= 3   # the stop at "one", at "three", never
 
 
 def _held_back_brute_force(text: str, stops: list[str]) -> int:

@@ -12,6 +12,7 @@ import torch
 
 from serving import LLM, SamplingParams
 from serving.sampling_params import GuidedDecodingParams
+from tests.engine.test_detokenizer import cut_after_min_tokens
 from tests.engine.test_engine import hf_greedy, random_prompt
 from tests.fixtures.checkpoints import hf_model
 
@@ -98,6 +99,29 @@ def test_logit_bias_and_min_tokens(llm):
     [out] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True,
                                                   logit_bias={t: -100.0 for t in banned}))
     assert not banned & set(out.outputs[0].token_ids)
+
+
+def test_min_tokens_holds_off_stop_strings(llm):
+    prompt = random_prompt(20, seed=3)
+    plain = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    [base] = llm.generate([prompt], plain)
+    text = base.outputs[0].text
+    min_tokens = 6
+    [prefix] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=min_tokens, ignore_eos=True))
+    head = prefix.outputs[0].text
+    assert text.startswith(head) and 0 < len(head) < len(text)
+    # A stop string from the first tokens' text: alone it ends the request there.
+    stop = head[len(head) // 2:][:2]
+    [early] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    assert early.outputs[0].text == text[:text.find(stop)] and len(early.outputs[0].token_ids) <= min_tokens
+    # With min_tokens it is ignored there; only a match ending in a later token's text ends the request.
+    [out] = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop],
+                                                  min_tokens=min_tokens))
+    cut = cut_after_min_tokens(text, stop, len(head))
+    completion = out.outputs[0]
+    assert completion.text == text[:cut] and len(completion.token_ids) > min_tokens
+    assert completion.finish_reason == ("length" if cut is None else "stop")
+    assert completion.token_ids == base.outputs[0].token_ids[:len(completion.token_ids)]
 
 
 def test_frequency_and_presence_penalties_reduce_repeats(llm):
