@@ -12,7 +12,6 @@ same `StepInputs` to its workers, which each call `run`.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from serving.capacity import KVPoolSize, default_kv_pool
 from serving.config import EngineConfig
 from serving.engine import kv_cache
 from serving.engine.guided import fill_bitmask
+from serving.engine.penalty_slots import PenaltySlots
 from serving.engine.scheduler import SchedulerOutput
 from serving.engine.sequence import Sequence
 from serving.layers.attention import Attention, select_backend
@@ -68,13 +68,6 @@ class StepPlan:
     prompt_scored: list[tuple[Sequence, int]]
 
 
-def _flatten(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row of each token, token ids) over the rows' token lists, concatenated."""
-    lengths = torch.tensor([len(ids) for ids in token_lists], dtype=torch.int64)
-    rows = torch.repeat_interleave(torch.arange(len(token_lists)), lengths)
-    return rows, torch.tensor(list(itertools.chain.from_iterable(token_lists)), dtype=torch.int64)
-
-
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_path: Path, max_model_len: int,
                  agree_num_kv_blocks: Callable[[int], int] | None = None):
@@ -87,6 +80,9 @@ class ModelRunner:
                 f"tensor-parallel group of {get_tp_world_size()}: a process drives one group at a time")
         self.config = config
         self.block_size = config.block_size
+        # Slots in the sampler's device-side penalty counts (a tensor-parallel follower never prepares: its
+        # commits are empty).
+        self._penalty_slots = PenaltySlots(config.max_num_seqs)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if self.device.type == "cpu":
@@ -216,9 +212,9 @@ class ModelRunner:
             **processing,
         )
 
-    def _processing_tensors(self, seqs: list[Sequence]) -> dict[str, torch.Tensor]:
+    def _processing_tensors(self, seqs: list[Sequence]) -> dict[str, torch.Tensor | int]:
         """SamplingTensors fields for grammar masks, logit_bias, min_tokens and penalties (only those used)."""
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, torch.Tensor | int] = {}
         guided = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
         if guided:
             out["mask_rows"] = torch.tensor(guided, dtype=torch.int64)
@@ -235,19 +231,18 @@ class ModelRunner:
             out["bias_rows"] = torch.tensor(rows, dtype=torch.int64)
             out["bias_ids"] = torch.tensor(ids, dtype=torch.int64)
             out["bias_values"] = torch.tensor(values, dtype=torch.float32)
-        penalized = [seq for seq in seqs if seq.request.params.penalized]
-        if not penalized:
+        rows = [i for i, seq in enumerate(seqs) if seq.request.params.penalized]
+        # Their token counts live on the device: only the tokens since the last step go up.
+        out.update(self._penalty_slots.tensors([seqs[i] for i in rows]))
+        if not rows:
             return out
-        params = [seq.request.params for seq in penalized]
-        out["penalty_rows"] = torch.tensor([i for i, seq in enumerate(seqs) if seq.request.params.penalized],
-                                           dtype=torch.int64)
+        params = [seqs[i].request.params for i in rows]
+        out["penalty_rows"] = torch.tensor(rows, dtype=torch.int64)
         if any(p.presence_penalty or p.frequency_penalty for p in params):
             out["presence"] = torch.tensor([p.presence_penalty for p in params], dtype=torch.float32)
             out["frequency"] = torch.tensor([p.frequency_penalty for p in params], dtype=torch.float32)
-            out["output_rows"], out["output_ids"] = _flatten([seq.output_token_ids for seq in penalized])
         if any(p.repetition_penalty != 1.0 for p in params):
             out["repetition"] = torch.tensor([p.repetition_penalty for p in params], dtype=torch.float32)
-            out["seen_rows"], out["seen_ids"] = _flatten([seq.token_ids for seq in penalized])
         return out
 
     @torch.inference_mode()
@@ -271,6 +266,7 @@ class ModelRunner:
         if inputs.logits_indices is not None:
             hidden = hidden.index_select(0, inputs.logits_indices)
         out = self.sampler(self.model.compute_logits(hidden), inputs.sampling)
+        self._penalty_slots.commit()
         out.prompt_logprobs = prompt_logprobs
         return out
 

@@ -9,7 +9,8 @@ and no per-row torch.Generator is needed; other rows use the engine's generator.
 Before that, the logits of rows that ask for it are processed, each kind in one batched op over the rows
 that use it: a grammar's allowed-token bitmask, sparse additions (logit_bias, and -inf for EOS under
 min_tokens), the repetition penalty over prompt and output tokens, and the frequency/presence penalties over
-output-token counts built with one scatter-add. Greedy rows take the argmax of the processed logits.
+output-token counts. Those counts stay on the device from step to step (serving/layers/penalty_counts.py), so
+a step uploads only the tokens sampled since. Greedy rows take the argmax of the processed logits.
 
 Log-probabilities are of the raw model distribution (log_softmax of the unprocessed logits, vLLM's default
 `raw_logprobs`), computed once for the step's rows: the chosen token's plus the top-k.
@@ -20,6 +21,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
+
+from serving.layers.penalty_counts import PenaltyCounts
 
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31: products with 32-bit values stay below 2**63, so int64 never overflows.
@@ -53,11 +56,16 @@ class SamplingTensors:
     penalty_rows: torch.Tensor | None = None    # [P] int64 rows with a penalty
     presence: torch.Tensor | None = None        # [P] float32
     frequency: torch.Tensor | None = None       # [P] float32
-    output_rows: torch.Tensor | None = None     # [M] int64 indices into the P rows: one per generated token
-    output_ids: torch.Tensor | None = None      # [M] int64
     repetition: torch.Tensor | None = None      # [P] float32; None: no row uses it
-    seen_rows: torch.Tensor | None = None       # [K] int64 indices into the P rows: prompt and generated tokens
-    seen_ids: torch.Tensor | None = None        # [K] int64
+    # Their token counts (PenaltyCounts), one slot per sequence, and this step's uploads to them.
+    num_penalty_slots: int = 0
+    penalty_slots: torch.Tensor | None = None   # [P] int64 slot of each penalty row
+    reset_slots: torch.Tensor | None = None     # [R] int64 slots a new sequence took: zeroed first
+    prompt_slots: torch.Tensor | None = None    # [Q] int64, with prompt_ids: prompt tokens to mark
+    prompt_ids: torch.Tensor | None = None      # [Q] int64
+    count_slots: torch.Tensor | None = None     # [M] int64, with count_ids: generated tokens to count
+    count_positions: torch.Tensor | None = None # [M] int64 index among the sequence's generated tokens
+    count_ids: torch.Tensor | None = None       # [M] int64
 
     @property
     def processes(self) -> bool:
@@ -104,12 +112,13 @@ class Sampler:
     def __init__(self, device: torch.device, seed: int):
         self.generator = torch.Generator(device=device).manual_seed(seed)
         self._token_keys: torch.Tensor | None = None
+        self._counts: PenaltyCounts | None = None
 
     def __call__(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:
         """logits: [N, V] float32 (raw model output; not modified)."""
         raw_logprobs = logits.log_softmax(dim=-1) if t.num_logprobs is not None else None
         if t.processes:
-            logits = process_logits(logits.clone(), t)
+            logits = process_logits(logits.clone(), t, self._penalty_counts(t, logits))
         if t.sample_rows is None:
             token_ids = logits.argmax(dim=-1)
         else:
@@ -126,6 +135,15 @@ class Sampler:
         if raw_logprobs is not None:
             out.logprobs = gather_logprobs(raw_logprobs, token_ids, t.num_logprobs)
         return out
+
+    def _penalty_counts(self, t: SamplingTensors, logits: torch.Tensor) -> PenaltyCounts | None:
+        """The device-side counts with this step's uploads folded in (allocated at the first penalty)."""
+        if t.penalty_rows is None:
+            return None
+        if self._counts is None:
+            self._counts = PenaltyCounts(t.num_penalty_slots, logits.shape[1], logits.device)
+        self._counts.update(t)
+        return self._counts
 
     def _gumbel(self, x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         uniform = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=torch.float32)
@@ -153,8 +171,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def process_logits(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
-    """Apply grammar masks, sparse biases and penalties to `x` [N, V] in place (see the module doc)."""
+def process_logits(x: torch.Tensor, t: SamplingTensors, counts: PenaltyCounts | None) -> torch.Tensor:
+    """Apply grammar masks, sparse biases and penalties (over `counts`, when a row has one) to `x` [N, V]
+    in place (see the module doc)."""
     vocab_size = x.shape[1]
     if t.mask_rows is not None:
         # Each bitmask byte looks up its 8 additive entries (0 allowed, -inf not): two passes over the rows.
@@ -166,16 +185,12 @@ def process_logits(x: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
     if t.penalty_rows is not None:
         rows = x.index_select(0, t.penalty_rows)
         if t.repetition is not None:
-            seen = torch.zeros_like(rows, dtype=torch.bool)
-            seen[t.seen_rows, t.seen_ids] = True
             penalty = t.repetition.unsqueeze(1)
-            rows = torch.where(seen, torch.where(rows < 0, rows * penalty, rows / penalty), rows)
+            rows = torch.where(counts.seen(t.penalty_slots), torch.where(rows < 0, rows * penalty, rows / penalty),
+                               rows)
         if t.presence is not None:
-            counts = torch.zeros_like(rows)
-            if t.output_ids.numel():
-                counts.view(-1).scatter_add_(0, t.output_rows * vocab_size + t.output_ids,
-                                             torch.ones_like(t.output_ids, dtype=counts.dtype))
-            rows -= t.frequency.unsqueeze(1) * counts + t.presence.unsqueeze(1) * (counts > 0)
+            generated = counts.generated(t.penalty_slots)
+            rows -= t.frequency.unsqueeze(1) * generated + t.presence.unsqueeze(1) * (generated > 0)
         x.index_copy_(0, t.penalty_rows, rows)
     return x
 

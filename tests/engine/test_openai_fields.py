@@ -14,6 +14,7 @@ from serving import LLM, SamplingParams
 from serving.sampling_params import GuidedDecodingParams
 from tests.engine.test_detokenizer import cut_after_min_tokens
 from tests.engine.test_engine import hf_greedy, random_prompt
+from tests.engine.test_fault_isolation import poisoned, run_to_end
 from tests.fixtures.checkpoints import hf_model
 
 ATOL = 1e-4
@@ -83,6 +84,34 @@ def test_greedy_with_repetition_penalty_equals_transformers(llm, hf):
                           repetition_penalty=1.3)[0, len(prompt):].tolist()
         assert out.outputs[0].token_ids == ref
         assert ref != hf_greedy(hf, prompt, 32)           # the penalty changed the output
+
+
+def test_penalties_through_slot_reuse_and_fault_isolation(llama_dir: Path, hf):
+    """Two penalty slots (max_num_seqs=2) for six penalized requests of different lengths, one poisoned
+    request failing steps in between: every request equals its reference (transformers for the repetition
+    penalty, the request alone for frequency/presence), so no count leaks between slots or is lost or
+    doubled by a re-run step."""
+    small = LLM(str(llama_dir), num_kv_blocks=256, max_num_seqs=2)
+    engine = small.engine
+    prompts = [random_prompt(n, seed=200 + n) for n in (5, 31, 12, 50, 8, 20)]
+    lengths = [20, 7, 26, 12, 16, 9]
+    repetition = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, repetition_penalty=1.4)
+                  for m in lengths[:3]]
+    openai = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, frequency_penalty=1.1,
+                             presence_penalty=0.7) for m in lengths[3:]]
+    alone = [small.generate([p], params)[0].outputs[0].token_ids for p, params in zip(prompts[3:], openai)]
+    requests = [engine.make_request(f"r{i}", p, params) for i, (p, params) in enumerate(zip(prompts, repetition + openai))]
+    requests.insert(3, poisoned(engine.make_request, "bad", random_prompt(15, seed=4)))
+    for request in requests:
+        engine.add(request)
+    outputs, failures = run_to_end(engine)
+    assert set(failures) == {"bad"}
+    for i, (prompt, params) in enumerate(zip(prompts[:3], repetition)):
+        ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                          max_new_tokens=params.max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
+                          repetition_penalty=1.4)[0, len(prompt):].tolist()
+        assert outputs[f"r{i}"].outputs[0].token_ids == ref
+    assert [outputs[f"r{i}"].outputs[0].token_ids for i in range(3, 6)] == alone
 
 
 def test_logit_bias_and_min_tokens(llm):

@@ -4,7 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serving.layers.sampler import Sampler, SamplingTensors
+from serving.engine.penalty_slots import PenaltySlots
+from serving.engine.sequence import Request, Sequence
+from serving.layers.penalty_counts import PenaltyCounts
+from serving.layers.sampler import Sampler, SamplingTensors, process_logits
+from serving.sampling_params import SamplingParams
 
 V = 50
 
@@ -24,6 +28,28 @@ def sampling(num_rows: int, temperature: float = 1.0, top_k: int | None = None, 
         steps=None if seeds is None else torch.tensor(steps or [0] * n),
         all_sampled=n == (num_logits_rows or num_rows),
     )
+
+
+def uploads(slots: dict[int, tuple[list[int], list[int]]], num_slots: int,
+            counted: dict[int, int] | None = None) -> dict:
+    """SamplingTensors penalty fields for penalty rows in the order of `slots` {slot: (prompt, generated)}:
+    a slot in `counted` (generated tokens it already counted) uploads its generated tokens from there on;
+    any other is reset and uploads its prompt and all its generated tokens."""
+    counted = counted or {}
+    fresh = [slot for slot in slots if slot not in counted]
+    entries = [(slot, pos, token) for slot, (_, generated) in slots.items() for pos, token in enumerate(generated)
+               if pos >= counted.get(slot, 0)]
+
+    def ids(values) -> torch.Tensor:
+        return torch.tensor(list(values), dtype=torch.int64)
+
+    fields = dict(num_penalty_slots=num_slots, penalty_slots=ids(slots))
+    if fresh:
+        fields.update(reset_slots=ids(fresh), prompt_slots=ids(s for s in fresh for _ in slots[s][0]),
+                      prompt_ids=ids(t for s in fresh for t in slots[s][0]))
+    if entries:
+        fields.update(zip(("count_slots", "count_positions", "count_ids"), map(ids, zip(*entries))))
+    return fields
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +138,7 @@ def test_processing_matches_the_formulas(logits):
     """Rows 1 and 3 penalized (3 with repetition over tokens it saw), row 2 masked by a bitmask, row 0
     biased; greedy picks from the processed logits, logprobs stay raw."""
     out_tokens = {1: [4, 4, 7], 3: [9]}
-    seen = {1: [], 3: [9, 11, 11]}
+    seen = {1: [], 3: [11, 11, 9]}
     bitmask = torch.zeros(1, 2, dtype=torch.int32)
     bitmask[0, 0] = (1 << 3) | (1 << 30)                 # only tokens 3 and 30 allowed
     t = SamplingTensors(
@@ -120,8 +146,9 @@ def test_processing_matches_the_formulas(logits):
         mask_rows=torch.tensor([2]), token_bitmask=bitmask,
         bias_rows=torch.tensor([0, 0]), bias_ids=torch.tensor([5, 6]), bias_values=torch.tensor([50.0, -float("inf")]),
         penalty_rows=torch.tensor([1, 3]), presence=torch.tensor([0.5, 0.0]), frequency=torch.tensor([1.5, 0.0]),
-        output_rows=torch.tensor([0, 0, 0, 1]), output_ids=torch.tensor(out_tokens[1] + out_tokens[3]),
-        repetition=torch.tensor([1.0, 1.7]), seen_rows=torch.tensor([1, 1, 1]), seen_ids=torch.tensor(seen[3]),
+        repetition=torch.tensor([1.0, 1.7]),
+        # Row 3's prompt is [11, 11]: it has seen its prompt and its output.
+        **uploads({2: ([], out_tokens[1]), 0: ([11, 11], out_tokens[3])}, num_slots=3),
     )
     out = Sampler(torch.device("cpu"), 0)(logits, t)
     expected = logits.clone()
@@ -139,3 +166,67 @@ def test_processing_matches_the_formulas(logits):
     assert torch.equal(out.token_ids, expected.argmax(-1))
     assert out.token_ids[2].item() in (3, 30) and out.token_ids[0].item() == 5
     assert torch.allclose(out.logprobs.chosen, logits.log_softmax(-1).gather(1, out.token_ids[:, None]).squeeze(1))
+
+
+def test_penalty_counts_kept_on_the_device_equal_a_rebuild(logits):
+    """Step by step, uploading only the new tokens, re-sending some (a step re-run after a failure) and
+    handing a finished sequence's slot to a new one gives exactly the logits of counts built from scratch."""
+    rng = torch.Generator().manual_seed(5)
+    rows = torch.tensor([1, 4, 6])
+    knobs = dict(presence=torch.tensor([0.5, 0.0, 1.0]), frequency=torch.tensor([1.5, 0.3, 0.0]),
+                 repetition=torch.tensor([1.3, 1.0, 2.0]))
+    histories = {2: ([1, 2, 2], []), 0: ([5], [5]), 3: ([7, 8], [])}   # slot -> (prompt, generated)
+    kept = PenaltyCounts(4, V, torch.device("cpu"))
+    counted: dict[int, int] = {}
+    for step in range(16):
+        if step == 9:   # slot 0's sequence finished; a new one takes the slot
+            histories[0] = ([3, 3, 4], [])
+            del counted[0]
+        resent = {slot: max(0, n - 2) for slot, n in counted.items()} if step % 5 == 4 else counted
+        t = SamplingTensors(penalty_rows=rows, **knobs, **uploads(histories, 4, resent))
+        kept.update(t)
+        rebuilt = PenaltyCounts(4, V, torch.device("cpu"))
+        t_rebuilt = SamplingTensors(penalty_rows=rows, **knobs, **uploads(histories, 4))
+        rebuilt.update(t_rebuilt)
+        assert torch.equal(process_logits(logits.clone(), t, kept), process_logits(logits.clone(), t_rebuilt, rebuilt))
+        counted = {slot: len(generated) for slot, (_, generated) in histories.items()}
+        for _, generated in histories.values():
+            generated.append(int(torch.randint(0, 12, (1,), generator=rng)))   # small range: repeats
+    generated = kept.generated(torch.tensor([2]))[0]
+    assert generated.sum().item() == len(histories[2][1]) - 1   # the last token was not uploaded yet
+
+
+def test_penalty_slots_upload_only_what_the_device_lacks():
+    def seq(request_id: str, prompt: list[int]) -> Sequence:
+        return Sequence(Request(request_id, None, prompt, SamplingParams(repetition_penalty=1.2)), 0, None)
+
+    def listed(fields: dict) -> dict:
+        return {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
+
+    slots = PenaltySlots(2)
+    a = seq("a", [1, 2, 3])
+    assert listed(slots.tensors([a])) == {"num_penalty_slots": 2, "penalty_slots": [0], "reset_slots": [0],
+                                          "prompt_slots": [0, 0, 0], "prompt_ids": [1, 2, 3]}
+    slots.commit()
+    a.token_ids.append(7)
+    sent = {"num_penalty_slots": 2, "penalty_slots": [0], "count_slots": [0], "count_positions": [0],
+            "count_ids": [7]}
+    assert listed(slots.tensors([a])) == sent
+    # That step did not sample (it raised); one without penalties does: the token is still owed.
+    assert slots.tensors([]) == {}
+    slots.commit()
+    assert listed(slots.tensors([a])) == sent
+    slots.commit()
+    a.token_ids.append(8)
+    assert listed(slots.tensors([a]))["count_ids"] == [8]
+    slots.commit()
+    # Two more sequences: the least recently scheduled holder (a) gives its slot up, and later uploads its
+    # whole history again into a fresh one.
+    b, c = seq("b", [4]), seq("c", [5])
+    assert listed(slots.tensors([b]))["penalty_slots"] == [1]
+    slots.commit()
+    assert listed(slots.tensors([c]))["reset_slots"] == [0]
+    slots.commit()
+    again = listed(slots.tensors([a]))
+    assert again["reset_slots"] == again["penalty_slots"] == [1] and again["prompt_ids"] == [1, 2, 3]
+    assert again["count_positions"] == [0, 1] and again["count_ids"] == [7, 8]
