@@ -14,6 +14,7 @@ from tests.fixtures.checkpoints import hf_model
 PROMPT_LENS = (5, 17, 42, 64, 100, 150, 233, 300)
 NEW_TOKENS = 64
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+ATOL = 1e-4   # log-probabilities against transformers' (float32 on both sides)
 
 
 def random_prompt(length: int, seed: int) -> list[int]:
@@ -26,6 +27,20 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], new_tokens: int = NEW_T
                          max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.shape[1] == len(prompt) + new_tokens
     return out[0, len(prompt):].tolist()
+
+
+@torch.inference_mode()
+def hf_log_softmax(hf, ids: list[int]) -> torch.Tensor:
+    """[len(ids), V]: row i is the distribution of token i + 1."""
+    return hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def assert_entry_matches(entry: dict[int, float], token_id: int, row: torch.Tensor, k: int) -> None:
+    assert abs(entry[token_id] - row[token_id].item()) < ATOL
+    top_lp, top_ids = row.topk(k)
+    assert set(entry) == {token_id, *top_ids.tolist()}
+    for t, lp in zip(top_ids.tolist(), top_lp.tolist()):
+        assert abs(entry[t] - lp) < ATOL
 
 
 def tokens(outputs) -> list[list[int]]:
@@ -146,18 +161,19 @@ def test_sampling_seeds_top_k_and_top_p(llm, prompts, reference):
         assert tokens(llm.generate([prompt], params)) == [reference[2]]
 
 
-def test_n_completions_and_logprobs(llm, prompts):
+def test_n_completions_and_logprobs(llm, prompts, hf_llama):
+    """Each of n sampled completions carries, per token, the model's log-probabilities (transformers'
+    log-softmax of the logits over the prompt and that completion) of its token and of the top 2."""
+    prompt = prompts[1]
     params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12, logprobs=2, ignore_eos=True)
-    [out] = llm.generate([prompts[1]], params)
+    [out] = llm.generate([prompt], params)
     assert [c.index for c in out.outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in out.outputs}) == 3
     for c in out.outputs:
         assert len(c.logprobs) == 12
-        for token_id, entry in zip(c.token_ids, c.logprobs):
-            assert token_id in entry and 2 <= len(entry) <= 3
-            assert all(lp <= 0.0 for lp in entry.values())
-            top = sorted(entry.values(), reverse=True)[:2]
-            assert entry[token_id] <= top[0]
+        ref = hf_log_softmax(hf_llama, prompt + c.token_ids)
+        for j, (token_id, entry) in enumerate(zip(c.token_ids, c.logprobs)):
+            assert_entry_matches(entry, token_id, ref[len(prompt) - 1 + j], 2)
 
 
 def test_stop_strings_and_streaming(llm, prompts, reference):

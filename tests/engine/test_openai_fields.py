@@ -13,12 +13,9 @@ import torch
 from serving import LLM, SamplingParams
 from serving.sampling_params import GuidedDecodingParams
 from tests.engine.test_detokenizer import cut_after_min_tokens
-from tests.engine.test_engine import hf_greedy, random_prompt
+from tests.engine.test_engine import ATOL, assert_entry_matches, hf_greedy, hf_log_softmax, random_prompt
 from tests.engine.test_fault_isolation import poisoned, run_to_end
 from tests.fixtures.checkpoints import hf_model
-
-ATOL = 1e-4
-
 
 @pytest.fixture(scope="module")
 def hf(llama_dir: Path):
@@ -29,20 +26,6 @@ def hf(llama_dir: Path):
 def llm(llama_dir: Path) -> LLM:
     # A 48-token budget: the longer prompts prefill in several chunks.
     return LLM(str(llama_dir), num_kv_blocks=256, max_num_batched_tokens=48)
-
-
-@torch.inference_mode()
-def hf_log_softmax(hf, ids: list[int]) -> torch.Tensor:
-    """[len(ids), V]: row i is the distribution of token i + 1."""
-    return hf(torch.tensor([ids])).logits[0].float().log_softmax(-1)
-
-
-def assert_entry_matches(entry: dict[int, float], token_id: int, row: torch.Tensor, k: int) -> None:
-    assert abs(entry[token_id] - row[token_id].item()) < ATOL
-    top_lp, top_ids = row.topk(k)
-    assert set(entry) == {token_id, *top_ids.tolist()}
-    for t, lp in zip(top_ids.tolist(), top_lp.tolist()):
-        assert abs(entry[t] - lp) < ATOL
 
 
 def test_logprobs_and_prompt_logprobs_equal_transformers(llm, hf):

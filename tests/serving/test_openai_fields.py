@@ -12,6 +12,7 @@ import openai
 import pytest
 import torch
 
+from serving.engine.chat import encode_conversation
 from serving.models.tiny import resolve_model
 from tests.engine.test_engine import hf_greedy
 from tests.fixtures.checkpoints import hf_model
@@ -65,8 +66,10 @@ def test_completion_logprobs_streamed_and_not_equal_transformers(oai, serving_st
     for j, token_id in enumerate(generated):
         row = ref[len(prompt_ids) - 1 + j]
         assert abs(lp.token_logprobs[j] - row[token_id].item()) < ATOL
-        assert abs(max(lp.top_logprobs[j].values()) - row.max().item()) < ATOL
-        assert len(lp.top_logprobs[j]) >= 3 and lp.token_logprobs[j] in lp.top_logprobs[j].values()
+        # Greedy: the chosen token is the best, so the entry is exactly the top 3 (keyed by their text).
+        assert sorted(lp.top_logprobs[j].values(), reverse=True) == pytest.approx(row.topk(3).values.tolist(),
+                                                                                  abs=ATOL)
+        assert lp.token_logprobs[j] in lp.top_logprobs[j].values()
 
     chunks = list(oai.completions.create(**kwargs, stream=True))
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
@@ -103,15 +106,22 @@ def test_echo_scores_the_prompt_like_transformers(client, oai, serving_stack, re
     assert flat(c.logprobs.token_logprobs for c in streamed if c.logprobs) == lp["token_logprobs"]
 
 
-def test_chat_logprobs_streamed_and_not(oai, serving_stack):
-    kwargs = {"model": serving_stack.model, "messages": [{"role": "user", "content": "Say something"}],
+def test_chat_logprobs_streamed_and_not(oai, serving_stack, reference):
+    model, tokenizer = reference
+    messages = [{"role": "user", "content": "Say something"}]
+    kwargs = {"model": serving_stack.model, "messages": messages,
               "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 2,
               "extra_body": {"ignore_eos": True}}
     full = oai.chat.completions.create(**kwargs).choices[0]
     content = full.logprobs.content
     assert len(content) == 5 and "".join(t.token for t in content) == full.message.content
-    for t in content:
-        assert len(t.top_logprobs) == 2 and t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob
+    prompt_ids = encode_conversation(tokenizer, messages)
+    generated = hf_greedy(model, prompt_ids, 5)
+    ref = hf_log_softmax(model, prompt_ids + generated)
+    for j, t in enumerate(content):
+        row = ref[len(prompt_ids) - 1 + j]
+        assert abs(t.logprob - row[generated[j]].item()) < ATOL
+        assert [top.logprob for top in t.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=ATOL)
         assert t.logprob == pytest.approx(t.top_logprobs[0].logprob)          # greedy: the best one
         assert bytes(t.bytes).decode("utf-8", "replace") == t.token or len(t.bytes) == 1
     chunks = list(oai.chat.completions.create(**kwargs, stream=True))
