@@ -10,11 +10,10 @@ import httpx
 import jsonschema
 import openai
 import pytest
-import torch
 
 from serving.engine.chat import encode_conversation
 from serving.models.tiny import resolve_model
-from tests.engine.test_engine import hf_greedy
+from tests.engine.test_engine import hf_greedy, hf_log_softmax
 from tests.fixtures.checkpoints import hf_model
 
 ATOL = 1e-4
@@ -43,11 +42,6 @@ def reference(serving_stack):
 
 def flat(lists) -> list:
     return list(itertools.chain.from_iterable(lists))
-
-
-@torch.inference_mode()
-def hf_log_softmax(model, ids: list[int]) -> torch.Tensor:
-    return model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
 
 
 def test_completion_logprobs_streamed_and_not_equal_transformers(oai, serving_stack, reference):
