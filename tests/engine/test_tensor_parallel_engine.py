@@ -30,12 +30,24 @@ def followers() -> list[multiprocessing.Process]:
     return [p for p in multiprocessing.active_children() if p.name.startswith("tp-rank-")]
 
 
+# Penalties keep per-sequence token counts on every rank's device (serving/layers/penalty_counts.py): each
+# rank must apply the same updates, step after step.
+PENALIZED = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, repetition_penalty=1.3,
+                           frequency_penalty=0.5, presence_penalty=0.3)
+
+
 def test_tp2_greedy_equals_tp1_and_transformers(llama_alt_dir: Path) -> None:
     batch = prompts(1000)
-    tp1 = [o.outputs[0].token_ids for o in LLM(model=str(llama_alt_dir), num_kv_blocks=128).generate(batch, GREEDY)]
+    tp1_llm = LLM(model=str(llama_alt_dir), num_kv_blocks=128)
+    tp1 = [o.outputs[0].token_ids for o in tp1_llm.generate(batch, GREEDY)]
+    tp1_penalized = [o.outputs[0].token_ids for o in tp1_llm.generate(batch, [GREEDY, PENALIZED, PENALIZED])]
+    del tp1_llm
     tp2_llm = LLM(model=str(llama_alt_dir), tensor_parallel_size=2, num_kv_blocks=128)
     try:
         tp2 = [o.outputs[0].token_ids for o in tp2_llm.generate(batch, GREEDY)]
+        assert [o.outputs[0].token_ids for o in tp2_llm.generate(batch, [GREEDY, PENALIZED, PENALIZED])] \
+            == tp1_penalized
+        assert tp1_penalized[1:] != tp1[1:]  # the penalties changed the tokens
         # One process drives one tensor-parallel group: a second engine of another size is refused.
         with pytest.raises(ValueError, match="tensor_parallel_size"):
             LLM(model=str(llama_alt_dir), num_kv_blocks=16)
