@@ -21,6 +21,7 @@ from mlflow_mosaic_provider.client import MosaicClient, gateway_error
 from mlflow_mosaic_provider.config import MosaicConfig
 from mlflow_mosaic_provider.limits import endpoint_limits
 from mlflow_mosaic_provider.metrics import start_exporter_once
+from serving.engine.prompts import CHAT_ROLES
 
 _logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ _SAMPLING = frozenset(
 _CHAT_FIELDS = _SAMPLING | {"messages"}
 _COMPLETION_FIELDS = _SAMPLING | {"prompt"}
 _EMBEDDING_FIELDS = frozenset({"input", "encoding_format"})
-_CHAT_ROLES = frozenset({"system", "user", "assistant"})
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -88,9 +88,9 @@ def _chat_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if extra:
             names = ", ".join(f"messages[{i}].{key}" for key in extra)
             raise gateway_error(422, f"Unsupported parameter(s) for the mosaic provider: {names}")
-        if message["role"] not in _CHAT_ROLES:
+        if message["role"] not in CHAT_ROLES:
             raise gateway_error(
-                422, f"messages[{i}].role must be one of system, user, assistant (got {message['role']!r})"
+                422, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)} (got {message['role']!r})"
             )
         content = message.get("content")
         if content is None:

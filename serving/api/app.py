@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.api import mosaic, openai
@@ -47,11 +50,22 @@ def create_app(ctx: ApiContext) -> FastAPI:
         return APIError(422, f"invalid request: {detail}", "invalid_field").to_response()
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
-        message = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return JSONResponse(error_body(exc.status_code, message, code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's own answers (no such route, wrong method, ...) and the body limit's 413.
+        status, headers = exc.status_code, getattr(exc, "headers", None)
+        code = {404: "unknown_route", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        # The path is the caller's input: a bounded prefix of it.
+        where = f"{request.method} {request.url.path[:100]}"
+        if status == 404:
+            message = f"no route for {where}"
+        elif status == 405:
+            allowed = (headers or {}).get("allow") or (headers or {}).get("Allow")
+            message = f"method not allowed: {where}" + (f" (allowed: {allowed})" if allowed else "")
+        else:
+            message = exc.detail if isinstance(exc.detail, str) else "request failed"
+        # 413 keeps its own type (as the body limit's up-front answer); every other 4xx is an invalid request.
+        error_type = None if status == 413 else "invalid_request_error" if status < 500 else None
+        return JSONResponse(error_body(status, message, code, error_type), status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> JSONResponse:
@@ -76,12 +90,15 @@ def create_app(ctx: ApiContext) -> FastAPI:
         body, content_type = ctx.metrics.render()
         return Response(body, media_type=content_type)
 
-    app.include_router(openai.build_router(ctx))
-    app.include_router(mosaic.build_router(ctx))
+    routers = [openai.build_router(ctx), mosaic.build_router(ctx)]
+    for router in routers:
+        app.include_router(router)
+    # The routes themselves (FastAPI wraps included routers), to label requests answered before routing.
+    routes = [r for router in (app.router, *routers) for r in router.routes if isinstance(r, APIRoute)]
     # Added last = outermost: access log, then auth, then the body limit, then FastAPI.
     app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.settings.max_request_bytes)
     app.add_middleware(AuthMiddleware, ctx=ctx)
-    app.add_middleware(AccessMiddleware, ctx=ctx)
+    app.add_middleware(AccessMiddleware, ctx=ctx, routes=routes)
     return app
 
 
@@ -152,10 +169,11 @@ class AccessMiddleware:
     """Counts and logs every request by endpoint (the route template), status and key name; while the
     server drains, refuses new ones (503, Retry-After) and counts those still being answered."""
 
-    def __init__(self, app: ASGIApp, ctx: ApiContext):
+    def __init__(self, app: ASGIApp, ctx: ApiContext, routes: Sequence[APIRoute]):
         self.app = app
         self.ctx = ctx
         self.metrics = ctx.metrics
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -186,8 +204,7 @@ class AccessMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = self._endpoint(scope)
             key = scope.get("state", {}).get("key")
             key_name = key.name if key is not None else "-"
             latency = time.perf_counter() - start
@@ -195,3 +212,11 @@ class AccessMiddleware:
             self.metrics.request_latency.labels(endpoint).observe(latency)
             if endpoint not in PUBLIC_PATHS:
                 logger.info("%s %s %d key=%s %.1fms", scope["method"], endpoint, status, key_name, latency * 1e3)
+
+    def _endpoint(self, scope: Scope) -> str:
+        """The route template of the request; "unmatched" for a path no route has (bounded label values)."""
+        route = scope.get("route")
+        if route is None:
+            # Answered before routing (a 401 or 429 from AuthMiddleware, a 413): the route the path is for.
+            route = next((r for r in self.routes if r.matches(scope)[0] is not Match.NONE), None)
+        return getattr(route, "path", None) or "unmatched"

@@ -29,21 +29,29 @@ class ApiContext:
         keys = KeyStore(settings.api_keys_file, settings.key_reload_interval_s) if settings.api_keys_file else None
         return cls(settings, keys, RateLimiter(settings.rate_limit_storage), Metrics(replica), llm, embedder)
 
-    def model_names(self) -> list[str]:
-        return [b.info.name for b in (self.llm, self.embedder) if b is not None]
-
     def llm_for(self, model: str) -> LLMBackend:
         if self.llm is not None and model == self.llm.info.name:
             return self.llm
-        raise self._unknown(model, "text generation")
+        raise self._unknown(model, ["text generation"])
 
     def embedder_for(self, model: str) -> EmbeddingBackend:
         if self.embedder is not None and model == self.embedder.info.name:
             return self.embedder
-        raise self._unknown(model, "embeddings")
+        raise self._unknown(model, ["embeddings"])
 
-    def _unknown(self, model: str, task: str) -> APIError:
-        served = ", ".join(self.model_names()) or "none"
+    def backend_for(self, model: str) -> LLMBackend | EmbeddingBackend:
+        """The text or the embedding model named `model` (the predict endpoint serves both)."""
+        for backend in (self.llm, self.embedder):
+            if backend is not None and model == backend.info.name:
+                return backend
+        raise self._unknown(model, ["text generation", "embeddings"])
+
+    def _unknown(self, model: str, tasks: list[str]) -> APIError:
+        """404 listing the models served for the asked tasks only, each under its task."""
+        served = {"text generation": ("text generation models", self.llm),
+                  "embeddings": ("embedding models", self.embedder)}
+        listed = "; ".join(f"{label}: {backend.info.name if backend else 'none'}"
+                           for label, backend in (served[task] for task in tasks))
         # The name is the caller's own input: quote a bounded prefix of it.
-        return APIError(404, f"model {model[:100]!r} is not served for {task} here (served: {served})",
+        return APIError(404, f"model {model[:100]!r} is not served for {' or '.join(tasks)} here ({listed})",
                         "model_not_found")

@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from serving.engine.errors import ContextWindowError, InvalidMessagesError, PromptError
+
 # Seconds a client should wait after a 503 before retrying the same request elsewhere or later.
 DEFAULT_RETRY_AFTER_S = 1
 
@@ -44,8 +46,10 @@ class APIError(Exception):
         return JSONResponse(self.to_dict(), status_code=self.status, headers=headers)
 
 
-def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "code": code}}
+def error_body(status: int, message: str, code: str | None = None, error_type: str | None = None) -> dict[str, Any]:
+    """The one JSON shape; the type follows the status (any other 4xx is the caller's invalid request)."""
+    kind = error_type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "code": code}}
 
 
 def bad_request(message: str, code: str = "invalid_request") -> APIError:
@@ -54,3 +58,12 @@ def bad_request(message: str, code: str = "invalid_request") -> APIError:
 
 def unavailable(message: str, code: str = "unavailable", retry_after: int = DEFAULT_RETRY_AFTER_S) -> APIError:
     return APIError(503, message, code, retry_after)
+
+
+# The engine's input errors that have their own code (any other PromptError is a plain invalid_request).
+_PROMPT_CODES = {ContextWindowError: "context_length_exceeded", InvalidMessagesError: "invalid_messages"}
+
+
+def invalid_input(exc: PromptError) -> APIError:
+    """The 400 for a prompt the engine's checks refused (serving/engine/prompts.py); the message names the field."""
+    return bad_request(str(exc), _PROMPT_CODES.get(type(exc), "invalid_request"))

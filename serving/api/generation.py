@@ -18,16 +18,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
-from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from serving.api.auth import KeyRecord
 from serving.api.backends import LLMBackend
-from serving.api.errors import APIError, bad_request
+from serving.api.errors import invalid_input
 from serving.api.metrics import Metrics
 from serving.api.protocol import ChatMessage
 from serving.api.ratelimit import RateLimiter, Reservation
-from serving.engine.chat import encode_conversation
+from serving.engine.prompts import check_context_window, encode_prompt
+from serving.engine.prompts import encode_chat as encode_conversation
+from serving.engine.errors import PromptError
 
 logger = logging.getLogger(__name__)
 
@@ -50,28 +51,23 @@ async def off_loop(small: bool, fn: Callable[..., T], *args: Any, **kwargs: Any)
 
 async def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
     """Token ids of raw prompts, each with the BOS token, as the engine's `encode` does."""
-    if any(not text for text in texts):
-        raise bad_request("prompt is empty")
-
-    def encode() -> list[list[int]]:
-        return [tokenizer.encode(text, add_special_tokens=True) for text in texts]
-
-    return await off_loop(sum(map(len, texts)) <= INLINE_TEXT_CHARS, encode)
+    try:
+        return await off_loop(sum(map(len, texts)) <= INLINE_TEXT_CHARS,
+                              lambda: [encode_prompt(tokenizer, text) for text in texts])
+    except PromptError as exc:
+        raise invalid_input(exc) from None
 
 
 async def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: Sequence[ChatMessage],
                       add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation under the model's chat template (roles were validated by the schema)."""
-    if not tokenizer.chat_template:
-        raise bad_request("this model has no chat template; use /v1/completions")
+    """Token ids of a conversation under the model's chat template, as the engine's `encode_chat` does."""
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    size = sum(len(m["content"]) for m in conversation) + 16 * len(conversation)
     try:
-        size = sum(len(m["content"]) for m in conversation) + 16 * len(conversation)
         return await off_loop(size <= INLINE_TEXT_CHARS, encode_conversation, tokenizer, conversation,
                               add_generation_prompt)
-    except TemplateError as exc:
-        # The template's own message (e.g. roles must alternate) names no content.
-        raise bad_request(f"invalid messages: {exc}", "invalid_messages") from None
+    except PromptError as exc:
+        raise invalid_input(exc) from None
 
 
 @dataclass
@@ -118,18 +114,13 @@ class GenerationJob:
         window = llm.info.max_model_len
         self.max_tokens: list[int] = []
         for i, ids in enumerate(prompts):
-            which = f"prompt {i} has" if len(prompts) > 1 else "prompt has"
-            if max_tokens is not None:
-                if len(ids) + max(max_tokens, 1) > window:
-                    raise APIError(400, f"{which} {len(ids)} tokens and max_tokens is {max_tokens}: "
-                                   f"{len(ids) + max_tokens} exceeds the context window of {window} tokens",
-                                   "context_length_exceeded")
-                self.max_tokens.append(max(max_tokens, 1))
-            elif len(ids) >= window:
-                raise APIError(400, f"{which} {len(ids)} tokens, which leaves no room to generate in the context "
-                               f"window of {window} tokens", "context_length_exceeded")
-            else:
-                self.max_tokens.append(min(default_max_tokens, window - len(ids)))
+            which = f"prompt {i}" if len(prompts) > 1 else "prompt"
+            try:
+                check_context_window(len(ids), max_tokens, window, which)
+            except PromptError as exc:
+                raise invalid_input(exc) from None
+            self.max_tokens.append(max(max_tokens, 1) if max_tokens is not None
+                                   else min(default_max_tokens, window - len(ids)))
         self.prompt_tokens = sum(len(ids) for ids in prompts)
         self.choices = [Choice() for _ in range(len(prompts) * n)]
         # Per prompt, with prompt_logprobs: its tokens' entries (None for the first), once the prefill is over.

@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from serving.api.backends import EmbeddingBackend
 from serving.api.context import ApiContext
+from serving.api.embedding import embed
 from serving.api.errors import bad_request
 from serving.api.generation import GenerationJob, encode_texts, primed
-from serving.api.openai import embed, log_done, sse_response, usage_of
 from serving.api.protocol import PredictChunk, PredictRequest, PredictResponse, Usage
+from serving.api.responses import log_done, sse_response, usage_of
 
 
 def build_router(ctx: ApiContext) -> APIRouter:
@@ -24,12 +26,12 @@ def build_router(ctx: ApiContext) -> APIRouter:
 
     @router.post("/{model}/v1/predict", response_model=None)
     async def predict(model: str, body: PredictRequest, request: Request) -> PredictResponse | StreamingResponse:
-        if ctx.embedder is not None and model == ctx.embedder.info.name:
+        llm = ctx.backend_for(model)
+        if isinstance(llm, EmbeddingBackend):
             if body.stream:
                 raise bad_request("embeddings cannot be streamed")
-            vectors, tokens = await embed(ctx, ctx.embedder, request, body.inputs)
+            vectors, tokens = await embed(ctx, llm, request, body.inputs)
             return PredictResponse(outputs=vectors.tolist(), usage=Usage.of(tokens, 0))
-        llm = ctx.llm_for(model)
         if len(body.inputs) > ctx.settings.max_prompts_per_request:
             raise bad_request(f"{len(body.inputs)} inputs in one request; at most "
                               f"{ctx.settings.max_prompts_per_request}")

@@ -2,21 +2,17 @@
 from __future__ import annotations
 
 import base64
-import json
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
-from serving.api.backends import EmbeddingBackend
 from serving.api.context import ApiContext
-from serving.api.errors import APIError, bad_request, error_body
+from serving.api.embedding import embed
+from serving.api.errors import bad_request
 from serving.api.generation import (
-    INLINE_TEXT_CHARS,
     Event,
     GenerationJob,
     encode_chat,
@@ -49,40 +45,11 @@ from serving.api.protocol import (
     new_id,
     now,
 )
-from serving.embeddings import check_inputs
-
-logger = logging.getLogger(__name__)
+from serving.api.responses import log_done, sse_response, usage_of
 
 T = TypeVar("T")
 # Formatting logprobs of more tokens than this runs off the event loop.
 _INLINE_LOGPROB_TOKENS = 256
-
-
-def sse_response(payloads: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(sse_events(payloads), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-async def sse_events(payloads: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Server-sent events ending in `[DONE]`; a failure after the status line was sent (a replica died
-    mid-stream) becomes a final `error` event, which OpenAI clients raise as an error."""
-    try:
-        async for payload in payloads:
-            yield f"data: {payload}\n\n"
-    except APIError as exc:
-        logger.warning("stream ended by error %s", exc.code)
-        yield f"data: {_json(exc.to_dict())}\n\n"
-        return
-    except Exception as exc:  # noqa: BLE001 (the status line is gone: the client learns it from the stream)
-        # The type only: an exception's text can carry request content.
-        logger.error("stream ended by an internal error %s", type(exc).__name__)
-        yield f"data: {_json(error_body(500, 'internal server error', 'internal_error'))}\n\n"
-        return
-    yield "data: [DONE]\n\n"
-
-
-def _json(value: dict[str, Any]) -> str:
-    return json.dumps(value, separators=(",", ":"))
 
 
 async def _prompt_ids(ctx: ApiContext, body: CompletionRequest) -> list[list[int]]:
@@ -253,26 +220,6 @@ def build_router(ctx: ApiContext) -> APIRouter:
     return router
 
 
-async def embed(ctx: ApiContext, embedder: EmbeddingBackend, request: Request,
-                texts: list[str]) -> tuple[np.ndarray, int]:
-    """Count, check, charge and embed `texts` (for the embeddings and the predict endpoint)."""
-    encoded = await off_loop(sum(map(len, texts)) + len(texts) <= INLINE_TEXT_CHARS, embedder.info.tokenizer, texts,
-                             add_special_tokens=True)
-    counts = [len(ids) for ids in encoded["input_ids"]]
-    try:
-        check_inputs(counts, embedder.info.max_input_tokens)
-    except ValueError as exc:
-        raise bad_request(str(exc), "invalid_input") from None
-    reservation = await ctx.limiter.reserve(request.state.key, sum(counts))
-    try:
-        vectors, tokens = await embedder.embed(texts)
-    except BaseException:
-        await ctx.limiter.settle(reservation, 0)
-        raise
-    logger.info("embeddings key=%s inputs=%d tokens=%d", request.state.key.name, len(texts), tokens)
-    return vectors, tokens
-
-
 def check_supported(body: CompletionRequest | ChatCompletionRequest) -> None:
     found = body.unsupported_field()
     if found is not None:
@@ -292,12 +239,3 @@ def _prompt_texts(body: CompletionRequest, prompts: list[list[int]], tokenizer: 
 async def _logprobs_off_loop(fn: Callable[..., T], *args: Any) -> T:
     """`fn(*args)` inline when its token lists are short, else on the ingress's pool (request-sized work)."""
     return await off_loop(sum(len(a) for a in args if isinstance(a, list)) <= _INLINE_LOGPROB_TOKENS, fn, *args)
-
-
-def usage_of(job: GenerationJob) -> Usage:
-    return Usage.of(job.prompt_tokens, job.completion_tokens)
-
-
-def log_done(request: Request, job: GenerationJob) -> None:
-    logger.info("generation done id=%s key=%s prompts=%d prompt_tokens=%d completion_tokens=%d",
-                job.request_id, request.state.key.name, len(job.prompts), job.prompt_tokens, job.completion_tokens)

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from serving.api.errors import bad_request
+from serving.engine.prompts import ChatRole
 from serving.limits import LIMITS
 
 
@@ -184,7 +185,7 @@ class ContentPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
+    role: ChatRole
     content: Text | list[ContentPart]
     name: Text | None = None
 

@@ -37,3 +37,15 @@ class ErrorResult:
 
     kind: ErrorKind
     message: str
+
+
+class PromptError(ValueError):
+    """A prompt or conversation the model cannot take; the message names the field."""
+
+
+class InvalidMessagesError(PromptError):
+    """The chat template refused the conversation (e.g. roles that do not alternate)."""
+
+
+class ContextWindowError(PromptError):
+    """Prompt tokens plus max_tokens exceed the context window (the message gives both numbers)."""

@@ -11,21 +11,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serving.config import EngineConfig
 from serving.engine.block_manager import BlockManager
-from serving.engine.chat import encode_conversation
 from serving.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from serving.engine.errors import EngineDeadError, RequestFailedError, RequestTooLargeError
 from serving.engine.executor import make_executor
 from serving.engine.guided import GrammarCompiler, new_matcher
 from serving.engine.model_runner import StepInputs, StepPlan
+from serving.engine.prompts import check_context_window, encode_chat, encode_prompt
 from serving.engine.scheduler import Scheduler, SchedulerOutput
 from serving.engine.sequence import Request, Sequence
 from serving.layers.sampler import Logprobs, SamplerOutput
-from serving.limits import LIMITS
 from serving.models.loader import load_config
 from serving.models.tiny import resolve_model
 from serving.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -33,7 +31,6 @@ from serving.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-CHAT_ROLES = ("system", "user", "assistant")
 # The probe step (LLMEngine._probe) samples one token greedily.
 _PROBE_PARAMS = SamplingParams(temperature=0.0, max_tokens=1)
 
@@ -87,27 +84,11 @@ class LLMEngine:
     # ---- input -------------------------------------------------------------------------------------------
 
     def encode(self, prompt: str) -> list[int]:
-        if len(prompt) > LIMITS.text_chars:
-            raise ValueError(f"prompt has {len(prompt)} characters; at most {LIMITS.text_chars}")
-        _check_text(prompt, "prompt")
-        return self.tokenizer.encode(prompt, add_special_tokens=True)
+        return encode_prompt(self.tokenizer, prompt)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation under the model's chat template, ready for the assistant's turn."""
-        if not isinstance(messages, list) or not messages or len(messages) > LIMITS.messages:
-            raise ValueError(f"messages must be a list of 1 to {LIMITS.messages} {{'role', 'content'}} objects")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES:
-                raise ValueError(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}")
-            if not isinstance(message.get("content"), str):
-                raise ValueError(f"messages[{i}].content must be a string")
-            _check_text(message["content"], f"messages[{i}].content")
-        if not self.tokenizer.chat_template:
-            raise ValueError("the model's tokenizer has no chat template")
-        try:
-            return encode_conversation(self.tokenizer, messages)
-        except TemplateError as exc:
-            raise ValueError(f"invalid messages: {exc}") from exc
+        return encode_chat(self.tokenizer, messages)
 
     def make_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                      stream: bool = False) -> Request:
@@ -117,8 +98,6 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
             text, token_ids = prompt, self.encode(prompt)
         elif isinstance(prompt, list):
             if not prompt:
@@ -130,12 +109,8 @@ class LLMEngine:
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         self._check_top_k(params)
+        check_context_window(len(token_ids), params.max_tokens, self.max_model_len)
         total = len(token_ids) + params.max_tokens
-        if total > self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(token_ids)} tokens and max_tokens is {params.max_tokens}: {total} "
-                f"exceeds the context window of {self.max_model_len} tokens (max_model_len)"
-            )
         blocks = self.block_manager.blocks_needed(total)
         if blocks > self.block_manager.num_blocks:
             raise RequestTooLargeError(
@@ -434,14 +409,6 @@ def _entries(logprobs: Logprobs, token_ids: list[int], ks: list[int | None]) -> 
             entry.update(zip(top_ids[row][:k], top_lps[row][:k]))
         entries.append(entry)
     return entries
-
-
-def _check_text(text: str, field: str) -> None:
-    """The tokenizer takes valid Unicode only: a lone surrogate (JSON allows "\\ud800") would make it raise."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"{field} is not valid Unicode (a lone surrogate at character {exc.start})") from None
 
 
 def _sub_batch(batch: SchedulerOutput, requests: list[Request]) -> SchedulerOutput:

@@ -101,8 +101,36 @@ def test_over_long_prompt_names_the_counts(client, stream):
     assert n > 4096
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 16, "stream": stream})
     _check_error(r, 400, f"prompt has {n} tokens and max_tokens is 16: {n + 16} exceeds the context window of 4096")
+    assert r.json()["error"]["code"] == "context_length_exceeded"
     r = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": prompt}]})
     _check_error(r, 400, "context window of 4096 tokens")
+
+
+def test_context_window_message_is_the_engines(client):
+    """The ingress and the offline engine refuse an over-long prompt with the same message."""
+    from serving import LLM, SamplingParams
+
+    prompt = "hello world " * 2500
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 16})
+    assert r.status_code == 400
+    llm = LLM(MODEL, num_kv_blocks=8)
+    with pytest.raises(ValueError) as offline:
+        llm.generate([prompt], SamplingParams(max_tokens=16))
+    assert str(offline.value) == r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, body, listed, not_listed", [
+    ("/v1/completions", {"model": EMBED, "prompt": "x"}, f"(text generation models: {MODEL})", "embeddings"),
+    ("/v1/embeddings", {"model": MODEL, "input": "x"}, f"(embedding models: {EMBED})", "text generation"),
+    ("/nope/v1/predict", {"inputs": ["x"]}, f"(text generation models: {MODEL}; embedding models: {EMBED})", None),
+])
+def test_unknown_model_lists_the_models_of_its_task(client, path, body, listed, not_listed):
+    r = client.post(path, json=body)
+    _check_error(r, 404, listed)
+    message = r.json()["error"]["message"]
+    if not_listed is not None:
+        # The asked name is quoted at the start; the list after it names only the task's models.
+        assert not_listed not in message.split("(", 1)[1]
 
 
 @pytest.mark.parametrize("raw, status, fragment", [
@@ -129,9 +157,11 @@ def test_ten_megabyte_body_is_refused(client):
 
 
 def test_unknown_route_and_method(client):
-    assert client.get("/v1/nothing-here").status_code == 404
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     r = client.get("/v1/completions")
-    assert r.status_code == 405 and "error" in r.json()
+    _check_error(r, 405, "GET /v1/completions")
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_chunked_body_over_the_limit_is_refused(serving_stack):
