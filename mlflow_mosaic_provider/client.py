@@ -167,6 +167,14 @@ def _region_lost(status: int, message: str, reason: str) -> _Failure:
     return _Failure(gateway_error(status, message), retryable=False, failover=reason)
 
 
+def _lost_while_reading(error: TimeoutError | aiohttp.ClientError, what: str) -> _Failure:
+    """The region went silent (a timeout) or dropped the connection while sending `what`."""
+    # aiohttp's read timeouts are ClientErrors too: a timeout first.
+    if isinstance(error, TimeoutError):
+        return _region_lost(504, f"the serving tier went silent on {what}", "timeout")
+    return _region_lost(502, f"the serving tier dropped {what} ({type(error).__name__})", "reset")
+
+
 R = TypeVar("R")
 
 
@@ -198,12 +206,8 @@ class MosaicClient:
         async def read(response: aiohttp.ClientResponse) -> dict[str, Any]:
             try:
                 body = await response.read()
-            except TimeoutError:
-                raise _region_lost(504, f"the serving tier did not answer {path} in time", "timeout") from None
-            except aiohttp.ClientError as e:
-                raise _region_lost(
-                    502, f"the serving tier dropped the connection ({type(e).__name__})", "reset"
-                ) from None
+            except (TimeoutError, aiohttp.ClientError) as e:
+                raise _lost_while_reading(e, f"the {path} answer") from None
             finally:
                 response.release()
             try:
@@ -401,12 +405,8 @@ async def _stream_events(response: aiohttp.ClientResponse, path: str) -> AsyncIt
                 raise _Failure(error, retryable=False, failover="503" if error.status_code == 503 else None)
             yield data
         raise _region_lost(502, f"the serving tier ended the {path} stream before [DONE]", "reset")
-    except TimeoutError:
-        raise _region_lost(504, f"the serving tier went silent on the {path} stream", "timeout") from None
-    except aiohttp.ClientError as e:
-        raise _region_lost(
-            502, f"the serving tier dropped the {path} stream ({type(e).__name__})", "reset"
-        ) from None
+    except (TimeoutError, aiohttp.ClientError) as e:
+        raise _lost_while_reading(e, f"the {path} stream") from None
     finally:
         # Closing (not releasing) an unfinished stream drops the connection, which is how the
         # serving tier learns the client left and frees the request's KV blocks.
