@@ -40,3 +40,32 @@ def test_special_token_text_in_content_stays_text(tokenizer):
     # The plain way (what this replaces) would have produced the forged pair.
     text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert tokenizer.encode(text, add_special_tokens=False).count(eos) == 1
+
+
+async def test_the_ingress_encodes_through_the_same_function(tokenizer):
+    """The HTTP tier's chat encoding (schema messages, off the event loop) gives the engine's ids, and the
+    engine's refusals become 400s with their codes."""
+    from serving.api.errors import APIError
+    from serving.api.generation import encode_chat as ingress_encode_chat
+    from serving.api.protocol import ChatMessage
+
+    for conversation in CONVERSATIONS:
+        messages = [ChatMessage.model_validate(m) for m in conversation]
+        assert await ingress_encode_chat(tokenizer, messages) == encode_chat(tokenizer, conversation)
+    with pytest.raises(APIError) as refused:
+        await ingress_encode_chat(tokenizer, [ChatMessage(role="assistant", content="x")])
+    assert (refused.value.status, refused.value.code) == (400, "invalid_messages")
+    assert "alternate" in refused.value.message
+
+
+def test_one_context_window_message():
+    from serving.engine.errors import ContextWindowError
+    from serving.engine.prompts import check_context_window
+
+    check_context_window(4080, 16, 4096)
+    with pytest.raises(ContextWindowError, match=r"^prompt has 4081 tokens and max_tokens is 16: 4097 exceeds the "
+                                                 r"context window of 4096 tokens"):
+        check_context_window(4081, 16, 4096)
+    # Without max_tokens at least one token must fit.
+    with pytest.raises(ContextWindowError, match="prompt 2 has 4096 tokens and max_tokens is at least 1: 4097"):
+        check_context_window(4096, None, 4096, "prompt 2")
