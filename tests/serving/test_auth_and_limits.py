@@ -8,6 +8,7 @@ import httpx
 import pytest
 
 from serving.api.ratelimit import seconds_until_fits
+from tests.serving.helpers import scrape
 
 CHAT = {"model": "tiny-llama-2-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -35,6 +36,20 @@ def test_bad_keys_get_401(serving_stack, headers, code):
                                ("POST", "/tiny-llama-2-chat/v1/predict", {"inputs": ["x"]})):
         r = httpx.request(method, f"{serving_stack.base_url}{path}", headers=headers, json=body, timeout=30)
         assert r.status_code == 401 and r.json()["error"]["code"] == code
+
+
+def test_refused_keys_are_counted_under_the_route(serving_stack):
+    """A 401 is answered before routing; the metrics still name the route it was for."""
+    def refused(endpoint: str) -> float:
+        return sum(value for labels, value in scrape(serving_stack.base_url).get("mosaic_requests_total", [])
+                   if labels["endpoint"] == endpoint and labels["status"] == "401")
+
+    before = {e: refused(e) for e in ("/v1/embeddings", "/{model}/v1/predict", "unmatched")}
+    for path in ("/v1/embeddings", "/all-MiniLM-L6-v2/v1/predict"):
+        assert httpx.post(f"{serving_stack.base_url}{path}", json={}, timeout=30).status_code == 401
+    assert refused("/v1/embeddings") == before["/v1/embeddings"] + 1
+    assert refused("/{model}/v1/predict") == before["/{model}/v1/predict"] + 1
+    assert refused("unmatched") == before["unmatched"]
 
 
 def test_auth_comes_before_body_checks(serving_stack):
