@@ -16,6 +16,22 @@ def _default_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
     return 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
 
 
+def _tables(config: PretrainedConfig, max_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (times the attention scaling) of every position, [max_positions, head_dim]."""
+    rope_type = config.rope_parameters.get("rope_type", "default")
+    if rope_type == "default":
+        inv_freq, scaling = _default_inv_freq(config)
+    elif rope_type in ROPE_INIT_FUNCTIONS:
+        # Dynamic NTK only changes frequencies beyond the trained length; the engine caps max_model_len
+        # at that length, so its static frequencies are the ones that apply.
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    else:
+        raise ValueError(f"unsupported rope_type {rope_type!r}")
+    freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * scaling, emb.sin() * scaling
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -24,19 +40,14 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, config: PretrainedConfig, max_positions: int):
         super().__init__()
-        rope_type = config.rope_parameters.get("rope_type", "default")
-        if rope_type == "default":
-            inv_freq, scaling = _default_inv_freq(config)
-        elif rope_type in ROPE_INIT_FUNCTIONS:
-            # Dynamic NTK only changes frequencies beyond the trained length; the engine caps max_model_len
-            # at that length, so its static frequencies are the ones that apply.
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-        else:
-            raise ValueError(f"unsupported rope_type {rope_type!r}")
-        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_cache", emb.cos() * scaling, persistent=False)
-        self.register_buffer("sin_cache", emb.sin() * scaling, persistent=False)
+        # The tables are computed on the CPU in float32 (as transformers computes the frequencies, so they
+        # match it bit for bit) and then moved to the device the model is built on: under the loader's
+        # `torch.device(...)` context every buffer must end up there, whatever the rope functions create.
+        device = torch.get_default_device()
+        with torch.device("cpu"):
+            cos, sin = _tables(config, max_positions)
+        self.register_buffer("cos_cache", cos.to(device), persistent=False)
+        self.register_buffer("sin_cache", sin.to(device), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin rows for a step's positions, [T, 1, D]: looked up once per step, shared by every layer."""
