@@ -164,10 +164,11 @@ class KVPoolSize:
 
 
 def default_kv_pool(free_bytes: float, bytes_per_block: int, memory_fraction: float, max_num_seqs: int,
-                    max_model_len: int, block_size: int) -> KVPoolSize:
+                    max_model_len: int, block_size: int, workspace_bytes: int = 0) -> KVPoolSize:
     """The engine's default KV pool: what `max_num_seqs` full-length sequences can use, capped at
-    `memory_fraction` of `free_bytes` (the memory left after the weights)."""
-    budget = int(free_bytes * memory_fraction) // bytes_per_block
+    `memory_fraction` of `free_bytes` (the memory left after the weights) less the attention backend's
+    `workspace_bytes` (0 for flash-attn; see AttentionBackend.workspace_bytes)."""
+    budget = (int(free_bytes * memory_fraction) - workspace_bytes) // bytes_per_block
     useful = max_num_seqs * -(-max_model_len // block_size)
     need = f"max_num_seqs={max_num_seqs} sequences of max_model_len={max_model_len} tokens"
     share = f"{memory_fraction:.0%} of {free_bytes / 2**30:.1f} GiB free (kv_cache_memory_fraction)"
@@ -177,10 +178,11 @@ def default_kv_pool(free_bytes: float, bytes_per_block: int, memory_fraction: fl
     return KVPoolSize(max(1, budget), f"{share}; {need} would use {useful * bytes_per_block / 2**30:.1f} GiB")
 
 
-def kv_pool_blocks(free_bytes: float, shape: ModelShape, d: Deployment, max_model_len: int) -> int:
+def kv_pool_blocks(free_bytes: float, shape: ModelShape, d: Deployment, max_model_len: int,
+                   workspace_bytes: int = 0) -> int:
     """KV blocks the engine allocates from `free_bytes` left after the weights (as ModelRunner does)."""
     return default_kv_pool(free_bytes, d.block_size * kv_bytes_per_token(shape, d), d.kv_cache_memory_fraction,
-                           d.max_num_seqs, max_model_len, d.block_size).blocks
+                           d.max_num_seqs, max_model_len, d.block_size, workspace_bytes).blocks
 
 
 def flops_per_token(shape: ModelShape, context: int) -> float:

@@ -1,5 +1,6 @@
-"""The paged KV cache's memory: bytes per cached token and the one allocation a runner hands out to its
-attention layers as views. Sizes are per tensor-parallel rank: each rank holds its own KV heads.
+"""The paged KV cache's memory: bytes per cached token and the one allocation a runner (or a test harness)
+hands out to its attention layers as views, with the attention backend that reads it. Sizes are per
+tensor-parallel rank: each rank holds its own KV heads.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from serving.capacity import kv_bytes_per_head_token
 from serving.layers import kv_quant
+from serving.layers.attention_types import AttentionBackend, KVLayout
 from serving.layers.kv_quant import QuantizedKV
 
 if TYPE_CHECKING:
@@ -45,20 +47,28 @@ class KVCachePool:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def allocate(layers: list[Attention], num_blocks: int, block_size: int, kv_cache_dtype: str,
-             dtype: torch.dtype, device: torch.device) -> KVCachePool:
-    """Allocate the pool and give each layer its views. Zeroed, because attention gathers whole blocks and
-    masks the unused slots: garbage there could be NaN (and zero scales dequantize to exact zeros)."""
-    kvh, head_dim = layers[0].num_kv_heads, layers[0].head_dim
-    shape = (2, len(layers), num_blocks, block_size, kvh)
+def kv_layout(layers: list[Attention], block_size: int, dtype: torch.dtype, device: torch.device,
+              max_model_len: int) -> KVLayout:
+    first = layers[0]
+    return KVLayout(block_size, first.num_heads, first.num_kv_heads, first.head_dim, dtype, device, max_model_len)
+
+
+def attach(layers: list[Attention], backend: AttentionBackend, num_blocks: int, kv_cache_dtype: str,
+           layout: KVLayout) -> KVCachePool:
+    """Allocate the pool and give each layer its views and the backend. Zeroed, because attention gathers
+    whole blocks and masks the unused slots: garbage there could be NaN (and zero scales dequantize to exact
+    zeros)."""
+    kvh, head_dim, dtype = layout.num_kv_heads, layout.head_dim, layout.dtype
+    shape = (2, len(layers), num_blocks, layout.block_size, kvh)
     quantized = kv_cache_dtype == "int8"
-    entries = torch.zeros(*shape, head_dim, dtype=torch.int8 if quantized else dtype, device=device)
-    params = torch.zeros(*shape, 2, dtype=kv_quant.PARAM_DTYPE, device=device) if quantized else None
+    entries = torch.zeros(*shape, head_dim, dtype=torch.int8 if quantized else dtype, device=layout.device)
+    params = torch.zeros(*shape, 2, dtype=kv_quant.PARAM_DTYPE, device=layout.device) if quantized else None
     for i, layer in enumerate(layers):
+        layer.backend = backend
         if params is None:
             layer.k_cache, layer.v_cache = entries[0, i], entries[1, i]
         else:
             layer.k_cache = QuantizedKV(entries[0, i], params[0, i], dtype)
             layer.v_cache = QuantizedKV(entries[1, i], params[1, i], dtype)
-    return KVCachePool(kv_cache_dtype, num_blocks, block_size,
+    return KVCachePool(kv_cache_dtype, num_blocks, layout.block_size,
                        kv_bytes_per_token(len(layers), kvh, head_dim, kv_cache_dtype, dtype), entries, params)

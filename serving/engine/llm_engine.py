@@ -148,10 +148,6 @@ class LLMEngine:
         for seq in request.seqs:
             self.scheduler.add(seq)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    stream: bool = False) -> None:
-        self.add(self.make_request(request_id, prompt, params, stream))
-
     def abort_request(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks now; False if it is unknown or already finished."""
         request = self._requests.pop(request_id, None)

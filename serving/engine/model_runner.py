@@ -2,7 +2,8 @@
 
 The work is split at a clean seam for tensor parallelism: `prepare` (driver only) turns the scheduler's
 batch into `StepInputs`, plain host tensors and ints; `run` moves them to the device in one transfer per
-dtype, sets the attention context, runs the model and samples.
+dtype, has the attention backend plan the step (once, from host-side lengths), runs the model
+(`forward`, the one place a step calls the model) and samples.
 
 Prompt log-probabilities: a prompt chunk of a sequence that asks for them also has its tokens' logits
 computed (the hidden state at position p scores token p + 1), `_PROMPT_LOGITS_ROWS` rows at a time, so a
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from serving.capacity import KVPoolSize, default_kv_pool
 from serving.config import EngineConfig
@@ -27,7 +29,8 @@ from serving.engine.guided import fill_bitmask
 from serving.engine.penalty_slots import PenaltySlots
 from serving.engine.scheduler import SchedulerOutput
 from serving.engine.sequence import Sequence
-from serving.layers.attention import Attention, select_backend
+from serving.layers.attention import Attention, attention_layers, make_backend, select_backend
+from serving.layers.attention_types import AttentionBackend
 from serving.layers.sampler import Logprobs, Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 from serving.models.loader import load_model, resolve_dtype
 from serving.parallel.state import get_tp_world_size
@@ -49,8 +52,6 @@ class StepInputs:
     seq_lens_k: torch.Tensor                # [N] int32
     block_tables: torch.Tensor              # [N, max_blocks] int32, padded with 0
     logits_indices: torch.Tensor | None     # [S] int64 tokens to sample from; None: every token
-    max_seqlen_q: int
-    max_seqlen_k: int
     num_prefill_seqs: int
     num_prefill_tokens: int
     sampling: SamplingTensors
@@ -66,6 +67,48 @@ class StepPlan:
     sampled: list[Sequence]                             # the sequences that sample, in output row order
     # Sequences scoring prompt tokens this step, with how many rows of prompt logprobs each, in row order.
     prompt_scored: list[tuple[Sequence, int]]
+
+
+@dataclass
+class StepLayout:
+    """Where a step's new tokens go: the tensors attention reads, from host-side lists."""
+
+    positions: torch.Tensor         # [T] int64
+    slot_mapping: torch.Tensor      # [T] int64: cache slot of each new token
+    cu_seqlens_q: torch.Tensor      # [N + 1] int32
+    seq_lens_k: torch.Tensor        # [N] int32: context length after the step
+    block_tables: torch.Tensor      # [N, max_blocks] int32, padded with 0
+
+
+def step_layout(starts: list[int], num_new: list[int], tables: list[list[int]], block_size: int) -> StepLayout:
+    """The layout of a step whose sequence i adds num_new[i] tokens after starts[i] cached ones, its blocks
+    being tables[i] (the runner's `prepare`, and test harnesses that drive a model without the engine)."""
+    num_seqs, num_tokens = len(starts), sum(num_new)
+    max_blocks = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
+    start_t = torch.tensor(starts)
+    num_new_t = torch.tensor(num_new)
+    cu_seqlens_q = torch.zeros(num_seqs + 1, dtype=torch.int64)
+    torch.cumsum(num_new_t, 0, out=cu_seqlens_q[1:])
+    if num_tokens == num_seqs:
+        seq_index, positions = torch.arange(num_seqs), start_t
+    else:
+        seq_index = torch.repeat_interleave(torch.arange(num_seqs), num_new_t)
+        positions = torch.arange(num_tokens) + (start_t - cu_seqlens_q[:-1])[seq_index]
+    slot_mapping = block_tables[seq_index, positions // block_size].long() * block_size + positions % block_size
+    return StepLayout(positions, slot_mapping, cu_seqlens_q.to(torch.int32), (start_t + num_new_t).to(torch.int32),
+                      block_tables)
+
+
+def forward(model: nn.Module, backend: AttentionBackend, input_ids: torch.Tensor, positions: torch.Tensor,
+            ctx: AttentionContext) -> torch.Tensor:
+    """The model's hidden states for one step: the backend plans the step once, then every layer reads it."""
+    ctx.plan = backend.plan(ctx)
+    set_context(ctx)
+    try:
+        return model(input_ids, positions)
+    finally:
+        reset_context()
 
 
 class ModelRunner:
@@ -93,22 +136,22 @@ class ModelRunner:
         self.model = load_model(model_path, self.dtype, self.device, config.quantization)
         self.vocab_size: int = self.model.config.vocab_size
         self.sampler = Sampler(self.device, config.seed)
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.attention_backend, backend = select_backend(config.attention_backend, self.device, self.dtype,
-                                                         config.block_size, config.kv_cache_dtype)
-        for layer in layers:
-            layer.backend = backend
+        layers = attention_layers(self.model)
+        self.attention_backend = select_backend(config.attention_backend, self.device, self.dtype,
+                                                config.block_size, config.kv_cache_dtype)
+        layout = kv_cache.kv_layout(layers, self.block_size, self.dtype, self.device, max_model_len)
+        self.backend = make_backend(self.attention_backend, layout)
         pool = (KVPoolSize(config.num_kv_blocks, "num_kv_blocks") if config.num_kv_blocks
                 else self._default_kv_pool(layers, max_model_len))
         self.num_kv_blocks = pool.blocks
         if agree_num_kv_blocks is not None:
             self.num_kv_blocks = agree_num_kv_blocks(self.num_kv_blocks)
-        self.kv_pool = kv_cache.allocate(layers, self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
-                                          self.dtype, self.device)
-        logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s (%s%s)",
-                    self.num_kv_blocks, self.block_size, config.kv_cache_dtype, self.kv_pool.bytes_per_token,
-                    self.kv_pool.nbytes / 2**20, self.device, pool.reason,
-                    "" if self.num_kv_blocks == pool.blocks else "; the smallest of the tensor-parallel ranks")
+        self.kv_pool = kv_cache.attach(layers, self.backend, self.num_kv_blocks, config.kv_cache_dtype, layout)
+        logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s (%s%s); %s "
+                    "attention workspace %.1f MiB", self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
+                    self.kv_pool.bytes_per_token, self.kv_pool.nbytes / 2**20, self.device, pool.reason,
+                    "" if self.num_kv_blocks == pool.blocks else "; the smallest of the tensor-parallel ranks",
+                    self.attention_backend, self.backend.workspace_bytes / 2**20)
 
     def _default_kv_pool(self, layers: list[Attention], max_model_len: int) -> KVPoolSize:
         bytes_per_block = self.block_size * kv_cache.kv_bytes_per_token(
@@ -118,7 +161,8 @@ class ModelRunner:
         else:
             free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         return default_kv_pool(free_bytes, bytes_per_block, self.config.kv_cache_memory_fraction,
-                               self.config.max_num_seqs, max_model_len, self.block_size)
+                               self.config.max_num_seqs, max_model_len, self.block_size,
+                               self.backend.workspace_bytes)
 
     def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, StepPlan]:
         """Host-side inputs for one step, and which sequences its outputs belong to."""
@@ -149,33 +193,18 @@ class ModelRunner:
             if start + num_new == seq.num_tokens:
                 sample_rows.append(row)
                 sampled.append(seq)
-        num_seqs, num_tokens = len(starts), len(input_ids)
-        max_blocks = max(map(len, tables))
-        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
-        start_t = torch.tensor(starts)
-        num_new_t = torch.tensor(batch.num_new_tokens)
-        seq_lens = start_t + num_new_t
-        cu_seqlens_q = torch.zeros(num_seqs + 1, dtype=torch.int64)
-        torch.cumsum(num_new_t, 0, out=cu_seqlens_q[1:])
-        if num_tokens == num_seqs:
-            seq_index, positions = torch.arange(num_seqs), start_t
-        else:
-            seq_index = torch.repeat_interleave(torch.arange(num_seqs), num_new_t)
-            positions = torch.arange(num_tokens) + (start_t - cu_seqlens_q[:-1])[seq_index]
-        slot_mapping = block_tables[seq_index, positions // bs].long() * bs + positions % bs
+        layout = step_layout(starts, batch.num_new_tokens, tables, bs)
         logits_indices = None
-        if len(sample_rows) != num_tokens:
-            logits_indices = (cu_seqlens_q[1:] - 1)[torch.tensor(sample_rows, dtype=torch.int64)]
+        if len(sample_rows) != len(input_ids):
+            logits_indices = (layout.cu_seqlens_q[1:].long() - 1)[torch.tensor(sample_rows, dtype=torch.int64)]
         inputs = StepInputs(
             input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=positions,
-            slot_mapping=slot_mapping,
-            cu_seqlens_q=cu_seqlens_q.to(torch.int32),
-            seq_lens_k=seq_lens.to(torch.int32),
-            block_tables=block_tables,
+            positions=layout.positions,
+            slot_mapping=layout.slot_mapping,
+            cu_seqlens_q=layout.cu_seqlens_q,
+            seq_lens_k=layout.seq_lens_k,
+            block_tables=layout.block_tables,
             logits_indices=logits_indices,
-            max_seqlen_q=max(batch.num_new_tokens),
-            max_seqlen_k=int(seq_lens.max()),
             num_prefill_seqs=batch.num_prefill_seqs,
             num_prefill_tokens=sum(batch.num_new_tokens[:batch.num_prefill_seqs]),
             sampling=self._sampling_tensors(sampled),
@@ -248,18 +277,16 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, inputs: StepInputs) -> SamplerOutput:
         """Execute one step; the returned tensors stay on the device until the caller reads them."""
+        # The attention plan's lengths, read on the host before the transfer (no device sync).
+        host_cu, host_lens = inputs.cu_seqlens_q.tolist(), inputs.seq_lens_k.tolist()
         inputs = self._to_device(inputs)
-        set_context(AttentionContext(
-            cu_seqlens_q=inputs.cu_seqlens_q, seq_lens_k=inputs.seq_lens_k,
-            max_seqlen_q=inputs.max_seqlen_q, max_seqlen_k=inputs.max_seqlen_k,
-            slot_mapping=inputs.slot_mapping, block_tables=inputs.block_tables,
-            is_decode=inputs.num_prefill_seqs == 0,
+        ctx = AttentionContext(
+            cu_seqlens_q=inputs.cu_seqlens_q, seq_lens_k=inputs.seq_lens_k, slot_mapping=inputs.slot_mapping,
+            block_tables=inputs.block_tables, host_cu_seqlens_q=host_cu, host_seq_lens_k=host_lens,
             num_prefill_seqs=inputs.num_prefill_seqs, num_prefill_tokens=inputs.num_prefill_tokens,
-        ))
-        try:
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        finally:
-            reset_context()
+        )
+        # The step's model forward (one place: a compiled or graph-captured path replaces this call).
+        hidden = forward(self.model, self.backend, inputs.input_ids, inputs.positions, ctx)
         prompt_logprobs = None
         if inputs.prompt_logits_indices is not None:
             prompt_logprobs = self._prompt_logprobs(hidden, inputs)

@@ -36,7 +36,7 @@ def divide(numerator: int, denominator: int) -> int:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int):
         super().__init__()
         self.tp_dim = tp_dim
         self.tp_rank = get_tp_rank()
@@ -70,20 +70,12 @@ class LinearBase(nn.Module):
         return int8_linear(x, self.weight, self.weight_scale, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
-        if self.tp_dim is None or param.dim() <= self.tp_dim:
-            # Replicated weights, and the bias of a row-parallel layer (added once, after the reduce).
+        if param.dim() <= self.tp_dim:
+            # The bias of a row-parallel layer (added once, after the reduce).
             param.data.copy_(materialize(loaded))
             return
         size = param.shape[self.tp_dim]
         param.data.copy_(narrow(loaded, self.tp_dim, self.tp_rank * size, size))
-
-
-class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, tp_dim=None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):

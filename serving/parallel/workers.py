@@ -6,16 +6,8 @@ row-parallel all-reduces and the vocab all-gather make every rank's logits whole
 of the engine: a follower builds its step runner with the factory in its `WorkerSpec` (the engine passes
 its ModelRunner class), so imports point one way, engine -> parallel.
 
-Followers are local processes (offline `LLM`, or a replica outside Ray) or Ray actors placed in the
-replica's placement group (the serving tier). Either way a follower that dies or stops answering makes
-`check_health` raise, so the engine is marked dead and Ray replaces the replica.
-
-Nothing waits unbounded. At start-up each follower checks in on the driver's rendezvous store before the
-group forms; the driver polls for the check-ins and for its followers' liveness, so a follower that dies
-first (say, a script without `if __name__ == "__main__":` under the spawn start method) is an error naming
-its rank and exit code at once, and one that never shows up is an error after `tp_timeout_s`. Between steps
-the followers wait in a collective, which gives up after `tp_timeout_s`: an idle driver sends a keepalive
-message well before that, so an engine can sit idle for any time and still serve.
+Followers are local processes (spawned) or Ray actors in the replica's placement group; how the driver starts,
+watches and stops them is told in serving/engine/tp_executor.py.
 """
 from __future__ import annotations
 

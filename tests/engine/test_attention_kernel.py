@@ -56,10 +56,10 @@ def test_kernel_matches_softmax_attention(num_heads, num_kv_heads, head_dim, blo
 
 def test_backend_choice_and_fallback_without_a_compiler(monkeypatch):
     cpu = torch.device("cpu")
-    assert select_backend("auto", cpu, torch.float32, 16)[0] == "cpu_kernel"
-    assert select_backend("sdpa", cpu, torch.float32, 16)[0] == "sdpa"
+    assert select_backend("auto", cpu, torch.float32, 16) == "cpu_kernel"
+    assert select_backend("sdpa", cpu, torch.float32, 16) == "sdpa"
     # The kernel is float32 only: other CPU dtypes take SDPA, and asking for the kernel there is an error.
-    assert select_backend("auto", cpu, torch.bfloat16, 16)[0] == "sdpa"
+    assert select_backend("auto", cpu, torch.bfloat16, 16) == "sdpa"
     with pytest.raises(ValueError, match="float32 CPU model"):
         select_backend("cpu_kernel", cpu, torch.bfloat16, 16)
 
@@ -67,7 +67,7 @@ def test_backend_choice_and_fallback_without_a_compiler(monkeypatch):
     kernels._library.cache_clear()
     try:
         assert kernels.paged_decode_attention() is None
-        assert select_backend("auto", cpu, torch.float32, 16)[0] == "sdpa"
+        assert select_backend("auto", cpu, torch.float32, 16) == "sdpa"
         with pytest.raises(ValueError, match="C compiler"):
             select_backend("cpu_kernel", cpu, torch.float32, 16)
     finally:

@@ -51,7 +51,12 @@ def test_weights_kv_bytes_and_pool_match_the_engine(which, tiny_chat_dir, model_
     measured_kv_token = runner.kv_pool.nbytes // runner.kv_pool.capacity_tokens
     assert weight_bytes_per_gpu(shape, d) == measured_weights
     assert kv_bytes_per_token(shape, d) == measured_kv_token
-    assert kv_pool_blocks(FREE_BYTES, shape, d, shape.max_position_embeddings) == runner.num_kv_blocks
+    # The budget counts the attention workspace: the kernel backend gathers one prefill sequence's keys and
+    # values (float32), at most max_model_len tokens of them.
+    assert runner.attention_backend == "cpu_kernel"
+    workspace = 2 * shape.max_position_embeddings * shape.num_kv_heads * shape.head_dim * 4
+    assert runner.backend.workspace_bytes == workspace
+    assert kv_pool_blocks(FREE_BYTES, shape, d, shape.max_position_embeddings, workspace) == runner.num_kv_blocks
     useful = max_num_seqs * math.ceil(shape.max_position_embeddings / 16)
     assert (runner.num_kv_blocks == useful) == (which == "tiny")  # both branches of the pool size are exercised
 

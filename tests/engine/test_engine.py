@@ -8,7 +8,6 @@ import torch
 
 from serving import LLM, SamplingParams
 from serving.engine.errors import RequestTooLargeError
-from serving.layers import attention
 from tests.fixtures.checkpoints import hf_model
 
 PROMPT_LENS = (5, 17, 42, 64, 100, 150, 233, 300)
@@ -112,17 +111,17 @@ def test_batch_invariance(engine: str, prompts, reference, monkeypatch, request:
     others = [random_prompt(20 + 13 * i, seed=100 + i) for i in range(15)]
     assert tokens(llm.generate([target], GREEDY)) == [expected]
     # SDPA: the smallest decode tiles (4 sequences each), so the batch runs as several tiles of mixed lengths.
-    monkeypatch.setattr(attention, "_DECODE_TILE_BYTES", 1)
+    monkeypatch.setattr(llm.engine.executor.runner.backend, "_tile_tokens", 0)
     batch = others[:7] + [target] + others[7:]
     assert tokens(llm.generate(batch, GREEDY))[7] == expected
 
     engine = llm.engine
     for i, prompt in enumerate(others):
-        engine.add_request(f"bg-{i}", prompt, GREEDY)
+        engine.add(engine.make_request(f"bg-{i}", prompt, GREEDY))
     for _ in range(10):
         engine.step()
     assert engine.stats().num_running == 15
-    engine.add_request("late", target, GREEDY)
+    engine.add(engine.make_request("late", target, GREEDY))
     late = None
     while engine.has_unfinished_requests():
         for output in engine.step():
@@ -190,8 +189,8 @@ def test_stop_strings_and_streaming(llm, prompts, reference):
 
     # Streamed: the increments concatenate to the final text and token ids.
     engine = llm.engine
-    engine.add_request("stream", prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, stop=[stop]),
-                       stream=True)
+    engine.add(engine.make_request("stream", prompt, SamplingParams(temperature=0, max_tokens=NEW_TOKENS, stop=[stop]),
+                       stream=True))
     pieces, ids, outputs = [], [], []
     while engine.has_unfinished_requests():
         for o in engine.step():
@@ -227,8 +226,8 @@ def test_eos_ends_a_request_unless_ignored(llm, prompts, reference, monkeypatch)
 def test_abort_frees_blocks(llm, prompts):
     engine = llm.engine
     free_before = engine.stats().num_free_blocks
-    engine.add_request("to-abort", prompts[7], GREEDY)
-    engine.add_request("waiting", prompts[6], GREEDY)
+    engine.add(engine.make_request("to-abort", prompts[7], GREEDY))
+    engine.add(engine.make_request("waiting", prompts[6], GREEDY))
     for _ in range(3):
         engine.step()
     assert engine.stats().num_free_blocks < free_before

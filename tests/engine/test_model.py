@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serving.layers.attention import select_backend
+from serving.layers.sdpa_backend import CUDA_POLICY, SdpaBackend
 from serving.models.loader import load_model
 from serving.models.tiny import ensure_tiny_checkpoint
 from tests.fixtures.checkpoints import hf_model
@@ -23,7 +24,7 @@ def reference_logits(hf: torch.nn.Module, tokens: list[int]) -> torch.Tensor:
         return hf(torch.tensor([tokens])).logits[0].float()
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "cpu_kernel"])
+@pytest.mark.parametrize("backend", ["sdpa", "cpu_kernel", "sdpa_cuda_policy"])
 @pytest.mark.parametrize("fixture", ["llama_dir", "llama_alt_dir", "tiny_chat_dir"])
 def test_paged_steps_match_transformers(fixture: str, backend: str, request: pytest.FixtureRequest) -> None:
     path = request.getfixturevalue(fixture)
@@ -31,8 +32,13 @@ def test_paged_steps_match_transformers(fixture: str, backend: str, request: pyt
     gen = torch.Generator().manual_seed(0)
     vocab = ours.config.vocab_size
     seqs = {i: torch.randint(3, vocab, (n,), generator=gen).tolist() for i, n in enumerate([5, 37, 300])}
-    _, attend = select_backend(backend, torch.device("cpu"), torch.float32, BLOCK_SIZE)
-    harness = PagedHarness(ours, backend=attend)
+    if backend == "sdpa_cuda_policy":
+        # What SDPA does on CUDA (expanded KV heads for a masked prefill, decode tiles of similar lengths),
+        # computed on the CPU.
+        harness = PagedHarness(ours, backend="sdpa")
+        harness.use(SdpaBackend(harness.layout, CUDA_POLICY))
+    else:
+        harness = PagedHarness(ours, backend=select_backend(backend, torch.device("cpu"), torch.float32, BLOCK_SIZE))
 
     # 1. A mixed prefill: whole prompt prefixes of two lengths in one flat batch.
     logits = harness.step({1: seqs[1][:17], 2: seqs[2][:280]})
