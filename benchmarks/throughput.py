@@ -8,11 +8,18 @@ transformers' best batch size, and again with torch SDPA for decode attention in
 kernel (an ablation). Batch-1 decode speed is the per-token time of a long generation minus a
 one-token one (so the prefill cancels out).
 
-Models: the embedded default (`tiny-llama-2-chat`) and a ~100M-parameter Llama written with random
-weights to a temporary folder. Prints a table and writes JSON under benchmarks/results/.
+Models: the embedded default (`tiny-llama-2-chat`), a ~100M-parameter Llama and a small model with Llama's
+proportions (`llama-prop`: GQA, head_dim 64, LM head ~12% of the weights), the last two written with random
+weights to a temporary folder. `llama-prop` runs a shorter-context workload (prompts 16-256, outputs 16-128).
+
+Distance to the limit, per run: MFU (useful FLOPs, serving/roofline.py, / elapsed / the rate of a large
+`torch.mm` measured in the same run at the benchmark's dtype and thread count) and, for batch-1 decode, MBU
+(bytes of weights and KV read per token / time per token / the bandwidth of a large tensor clone measured in
+the same run, read + write bytes). Prints a table and writes JSON under benchmarks/results/.
 
     python benchmarks/throughput.py              # full run
     python benchmarks/throughput.py --quick      # a few minutes: fewer requests, fewer batch sizes
+    python benchmarks/throughput.py --quick --models llama-prop   # one model
     python benchmarks/throughput.py --threads 1  # both sides single-threaded: stable on a shared machine
 """
 from __future__ import annotations
@@ -30,8 +37,10 @@ from pathlib import Path
 import torch
 
 from serving import LLM, SamplingParams
+from serving.capacity import ModelShape
 from serving.config import DEFAULT_MODEL
 from serving.models.tiny import resolve_model, write_random_weights
+from serving.roofline import decode_bytes_per_token, utilization, workload_flops
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -43,13 +52,17 @@ MODEL_100M = {
     "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
     "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
 }
+# Llama's proportions at small scale: GQA (6 query heads, 2 KV heads of 64), SwiGLU at 8/3, 6 layers, and a
+# vocabulary (4096, past the tokenizer's: the extra rows decode to "") that makes the LM head 12.5% of the
+# weights, so decode costs are spread over layers, attention and head as in a real model.
+MODEL_LLAMA_PROP = dict(MODEL_100M, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
+                        num_attention_heads=6, num_key_value_heads=2, head_dim=64, vocab_size=4096)
+# Each benchmarked model: (prompt length range, output length range; None: 16 to --max-output).
+WORKLOADS = {"default": ((16, 512), None), "100m": ((16, 512), None), "llama-prop": ((16, 256), (16, 128))}
 
 
-def build_100m(folder: Path, tokenizer_dir: Path, logit_std: float | None = None,
-               vocab_size: int | None = None) -> Path:
-    """The ~100M model; `vocab_size` (default: the tokenizer's) can be larger: the extra rows decode to ""."""
-    vocab = vocab_size or json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
-    config = dict(MODEL_100M, vocab_size=vocab)
+def build_random(folder: Path, tokenizer_dir: Path, config: dict, logit_std: float | None = None) -> Path:
+    """A checkpoint folder with `config`, the tokenizer's files and seeded random weights."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     for name in TOKENIZER_FILES:
@@ -57,6 +70,32 @@ def build_100m(folder: Path, tokenizer_dir: Path, logit_std: float | None = None
             (folder / name).write_bytes((tokenizer_dir / name).read_bytes())
     write_random_weights(folder, config, seed=0, logit_std=logit_std)
     return folder
+
+
+def build_100m(folder: Path, tokenizer_dir: Path, logit_std: float | None = None,
+               vocab_size: int | None = None) -> Path:
+    """The ~100M model; `vocab_size` (default: the tokenizer's) can be larger: the extra rows decode to ""."""
+    vocab = vocab_size or json.loads((tokenizer_dir / "config.json").read_text())["vocab_size"]
+    return build_random(folder, tokenizer_dir, dict(MODEL_100M, vocab_size=vocab), logit_std)
+
+
+def measure_peaks(dtype: torch.dtype, size: int = 2048, copy_mib: int = 256, repeats: int = 5) -> dict:
+    """The machine's limits as this process sees them now: best of a few timings of a large square matmul
+    (FLOP/s) and of a large tensor clone (bytes read + written per second)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    torch.mm(a, b)
+    best_mm = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    big = torch.randn(copy_mib * 2**20 // dtype.itemsize, dtype=dtype)
+    big.clone()
+    best_copy = min(_timed(big.clone) for _ in range(repeats))
+    return {"matmul_flops_per_s": 2 * size**3 / best_mm, "copy_bytes_per_s": 2 * big.numel() * dtype.itemsize / best_copy,
+            "matmul_size": size, "copy_mib": copy_mib}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def workload(num_requests: int, seed: int, vocab: int, prompt_range: tuple[int, int],
@@ -147,9 +186,10 @@ def bench_engine(path: Path, requests: list[tuple[list[int], int]], useful: int,
     return result
 
 
-def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: int) -> dict:
+def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: int,
+                prompt_range: tuple[int, int], output_range: tuple[int, int]) -> dict:
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    requests = workload(num_requests, args.seed, vocab, (16, 512), (16, args.max_output))
+    requests = workload(num_requests, args.seed, vocab, prompt_range, output_range)
     useful = sum(n for _, n in requests)
     print(f"\n== {name}: {num_requests} requests, {sum(len(p) for p, _ in requests)} prompt tokens, "
           f"{useful} useful output tokens", flush=True)
@@ -163,44 +203,71 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: i
     # Ablation: the engine with torch SDPA for decodes too, instead of the native CPU kernel.
     sdpa = bench_engine(path, requests, useful, args, decode=False, attention_backend="sdpa")
     gc.collect()
-    return {"model": name, "num_requests": num_requests, "useful_tokens": useful,
-            "transformers": hf["batches"], "transformers_best_batch": best_bs,
-            "transformers_decode_ms": hf["decode_ms"], "engine_decode_ms": engine.pop("decode_ms"),
-            "engine": engine,
-            "engine_same_batch": same_batch, "engine_sdpa": sdpa}
+    result = {"model": name, "num_requests": num_requests, "useful_tokens": useful,
+              "prompt_range": prompt_range, "output_range": output_range,
+              "transformers": hf["batches"], "transformers_best_batch": best_bs,
+              "transformers_decode_ms": hf["decode_ms"], "engine_decode_ms": engine.pop("decode_ms"),
+              "engine": engine,
+              "engine_same_batch": same_batch, "engine_sdpa": sdpa}
+    add_utilization(result, ModelShape.load(path), requests, args)
+    return result
+
+
+def add_utilization(result: dict, shape: ModelShape, requests: list[tuple[list[int], int]],
+                    args: argparse.Namespace) -> None:
+    """MFU of every run and batch-1 decode MBU of both sides, against the peaks measured in this run."""
+    peaks = measure_peaks(torch.float32)
+    print(f"peaks now: matmul {peaks['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+          f"copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
+    flops = workload_flops(shape, [(len(p), n) for p, n in requests])
+    result.update(peaks, useful_flops=flops)
+    for run in [*result["transformers"].values(), *(result[k] for k in result if k.startswith("engine_")
+                                                    and isinstance(result[k], dict)), result["engine"]]:
+        run["mfu"] = utilization(flops / run["seconds"], peaks["matmul_flops_per_s"])
+    # The batch-1 timing decodes args.decode_tokens after the first request's first 128 prompt tokens.
+    context = min(128, len(requests[0][0])) + args.decode_tokens / 2
+    per_token = decode_bytes_per_token(shape, context)
+    result["decode_bytes_per_token"] = per_token
+    for side in ("engine", "transformers"):
+        bandwidth = per_token / (result[f"{side}_decode_ms"] / 1e3)
+        result[f"{side}_decode_mbu"] = utilization(bandwidth, peaks["copy_bytes_per_s"])
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| model | run | tokens/s | vs transformers best |")
-    print("| --- | --- | ---: | ---: |")
+    print("\n| model | run | tokens/s | vs transformers best | MFU |")
+    print("| --- | --- | ---: | ---: | ---: |")
     for r in results:
         best = r["transformers"][r["transformers_best_batch"]]["tokens_per_s"]
-        for bs, t in r["transformers"].items():
-            print(f"| {r['model']} | transformers static batch {bs} | {t['tokens_per_s']:.1f} | "
-                  f"{t['tokens_per_s'] / best:.2f}x |")
-        print(f"| {r['model']} | engine (defaults) | {r['engine']['tokens_per_s']:.1f} | "
-              f"{r['engine']['tokens_per_s'] / best:.2f}x |")
-        same = r["engine_same_batch"]
-        print(f"| {r['model']} | engine (max_num_seqs={same['max_num_seqs']}) | {same['tokens_per_s']:.1f} | "
-              f"{same['tokens_per_s'] / best:.2f}x |")
-        sdpa = r["engine_sdpa"]
-        print(f"| {r['model']} | engine (attention_backend=sdpa) | {sdpa['tokens_per_s']:.1f} | "
-              f"{sdpa['tokens_per_s'] / best:.2f}x |")
-    print("\n| model | batch-1 decode ms/token: engine | transformers | speed-up |")
-    print("| --- | ---: | ---: | ---: |")
+        rows = [(f"transformers static batch {bs}", t) for bs, t in r["transformers"].items()]
+        rows += [("engine (defaults)", r["engine"]),
+                 (f"engine (max_num_seqs={r['engine_same_batch']['max_num_seqs']})", r["engine_same_batch"]),
+                 ("engine (attention_backend=sdpa)", r["engine_sdpa"])]
+        for label, t in rows:
+            print(f"| {r['model']} | {label} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / best:.2f}x | "
+                  f"{t['mfu']:.1%} |")
+    print("\n| model | batch-1 decode ms/token: engine | transformers | speed-up | MBU: engine | transformers |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['transformers_decode_ms']:.2f} | "
-              f"{r['transformers_decode_ms'] / r['engine_decode_ms']:.2f}x |")
+              f"{r['transformers_decode_ms'] / r['engine_decode_ms']:.2f}x | {r['engine_decode_mbu']:.1%} | "
+              f"{r['transformers_decode_mbu']:.1%} |")
+    print("\n| model | peak matmul GFLOP/s | copy GB/s | decode bytes/token |")
+    print("| --- | ---: | ---: | ---: |")
+    for r in results:
+        print(f"| {r['model']} | {r['matmul_flops_per_s'] / 1e9:.1f} | {r['copy_bytes_per_s'] / 1e9:.1f} | "
+              f"{r['decode_bytes_per_token'] / 1e6:.1f} MB |")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="32 requests (8 on the 100M model), batch 16 and 32")
-    parser.add_argument("--models", nargs="+", choices=("default", "100m"), default=["default", "100m"])
+    parser.add_argument("--models", nargs="+", choices=tuple(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--num-requests", type=int, help="requests on the default model (default 128)")
     parser.add_argument("--num-requests-100m", type=int,
                         help="requests on the 100M model (default 32: it is ~50x the compute per token)")
+    parser.add_argument("--num-requests-llama-prop", type=int,
+                        help="requests on the Llama-proportioned model (default 64)")
     parser.add_argument("--batch-sizes", type=int, nargs="+",
                         help="transformers batch sizes (default 16 32 64)")
     parser.add_argument("--max-output", type=int, default=256,
@@ -214,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.num_requests = args.num_requests or (32 if args.quick else 128)
     args.num_requests_100m = args.num_requests_100m or (8 if args.quick else 32)
+    args.num_requests_llama_prop = args.num_requests_llama_prop or (16 if args.quick else 64)
     args.batch_sizes = args.batch_sizes or ([16, 32] if args.quick else [16, 32, 64])
     # Both sides run in this process: flush denormals for both (the engine would set it for itself).
     torch.set_flush_denormal(True)
@@ -222,13 +290,18 @@ def main(argv: list[str] | None = None) -> None:
 
     tiny = resolve_model(DEFAULT_MODEL)
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-100m-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-models-") as tmp:
         for model in args.models:
+            prompts, outputs = WORKLOADS[model]
+            ranges = (prompts, outputs or (16, args.max_output))
             if model == "default":
-                results.append(bench_model(DEFAULT_MODEL, tiny, args, args.num_requests))
-            else:
+                results.append(bench_model(DEFAULT_MODEL, tiny, args, args.num_requests, *ranges))
+            elif model == "100m":
                 path = build_100m(Path(tmp) / "llama-100m", tiny)
-                results.append(bench_model("llama-100m", path, args, args.num_requests_100m))
+                results.append(bench_model("llama-100m", path, args, args.num_requests_100m, *ranges))
+            else:
+                path = build_random(Path(tmp) / model, tiny, MODEL_LLAMA_PROP)
+                results.append(bench_model(model, path, args, args.num_requests_llama_prop, *ranges))
     print_table(results)
     output = args.output or RESULTS_DIR / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -185,12 +185,20 @@ def kv_pool_blocks(free_bytes: float, shape: ModelShape, d: Deployment, max_mode
                            d.max_num_seqs, max_model_len, d.block_size, workspace_bytes).blocks
 
 
+def layer_matmul_weights(shape: ModelShape) -> int:
+    """Matmul weights of all decoder layers, all ranks together (the LM head not included)."""
+    return shape.num_layers * sum(o * i for o, i in linear_shapes_per_rank(shape, 1))
+
+
+def attention_flops(shape: ModelShape, context: float) -> float:
+    """One query token's attention over `context` keys in every layer: QK^T and PV, 2 FLOPs per multiply-add."""
+    return 4 * shape.num_layers * shape.num_heads * shape.head_dim * context
+
+
 def flops_per_token(shape: ModelShape, context: int) -> float:
     """Forward FLOPs of one token, all ranks together: 2 per matmul weight, plus attention over `context`."""
-    matmul = shape.num_layers * sum(o * i for o, i in linear_shapes_per_rank(shape, 1))
-    matmul += shape.vocab_size * shape.hidden_size  # LM head
-    attention = 4 * shape.num_layers * shape.num_heads * shape.head_dim * context
-    return 2 * matmul + attention
+    matmul = layer_matmul_weights(shape) + shape.vocab_size * shape.hidden_size  # LM head
+    return 2 * matmul + attention_flops(shape, context)
 
 
 @dataclass(frozen=True)
