@@ -35,6 +35,7 @@ from serving.replicas.embedding_server import EmbeddingServer
 from serving.replicas.llm_server import LLMServer
 from serving.replicas.placement import llm_gpus_per_rank, tensor_parallel_placement
 from serving.replicas.process import actor_options, enter_replica
+from serving.utils.device import ALL_GPUS_VISIBLE_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,9 @@ def build_app(config: AppConfig) -> Application:
     gpus = llm_gpus_per_rank(config)
     llm_options: dict[str, Any] = dict(
         name="LLMServer",
-        ray_actor_options=actor_options(config.llm_num_cpus, config.llm_resources, num_gpus=gpus),
+        ray_actor_options=actor_options(
+            config.llm_num_cpus, config.llm_resources, num_gpus=gpus,
+            env=ALL_GPUS_VISIBLE_ENV if gpus and config.tensor_parallel_size > 1 else None),
         **tensor_parallel_placement(config, gpus),
         max_ongoing_requests=config.replica_capacity,
         max_queued_requests=config.router_queue,

@@ -36,9 +36,21 @@ from serving.engine.scheduler import SchedulerOutput
 from serving.layers.sampler import SamplerOutput
 from serving.parallel.state import destroy_tensor_parallel, get_cpu_group, init_tensor_parallel
 from serving.parallel.workers import (
-    KEEPALIVE, STOP, Followers, LocalFollowers, RayFollowers, WorkerSpec, agree_on_min, check_in_key,
-    free_tcp_address, inside_ray_actor, ray_address, rank_device, rendezvous_store,
+    KEEPALIVE,
+    STOP,
+    Followers,
+    LocalFollowers,
+    RayFollowers,
+    WorkerSpec,
+    agree_on_min,
+    check_in_key,
+    free_tcp_address,
+    inside_ray_actor,
+    rank_device,
+    ray_address,
+    rendezvous_store,
 )
+from serving.utils.device import ray_cuda_index
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +78,8 @@ class TensorParallelExecutor:
         self._timeout_s = config.tp_timeout_s
         try:
             self._await_check_ins(store, config.tensor_parallel_size)
-            device = rank_device(config, 0)
+            # In a Ray actor: the GPU Ray assigned to this replica; local processes: rank 0's is device 0.
+            device = rank_device(config, (ray_cuda_index() or 0) if use_ray else 0)
             init_tensor_parallel(0, config.tensor_parallel_size, spec.init_method, device, config.tp_timeout_s,
                                  store)
             self.runner = ModelRunner(dataclasses.replace(config, device=str(device)), model_path, max_model_len,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from serving.config import EngineConfig
 from serving.parallel.state import destroy_tensor_parallel, get_cpu_group, init_tensor_parallel
-from serving.utils.device import resolve_device
+from serving.utils.device import ALL_GPUS_VISIBLE_ENV, ray_cuda_index, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +145,10 @@ class RayFollowers:
 
         group = get_current_placement_group()
         gpu = resolve_device(spec.config.device).type == "cuda"
-        # The bundle reserves each rank's CPUs; the follower itself claims only its GPU.
-        actor_cls = ray.remote(num_cpus=0, num_gpus=1 if gpu else 0)(_FollowerActor)
+        # The bundle reserves each rank's CPUs; the follower itself claims only its GPU, and sees the node's
+        # others like the driver rank does (ALL_GPUS_VISIBLE_ENV).
+        actor_cls = ray.remote(num_cpus=0, num_gpus=1 if gpu else 0,
+                               runtime_env={"env_vars": ALL_GPUS_VISIBLE_ENV} if gpu else None)(_FollowerActor)
         self.actors, self.runs = [], []
         driver_id = ray.get_runtime_context().get_actor_id()
         for rank in range(1, spec.config.tensor_parallel_size):
@@ -156,8 +158,7 @@ class RayFollowers:
             actor = actor_cls.options(scheduling_strategy=strategy,
                                       name=f"{FOLLOWER_NAME_PREFIX}{driver_id}-rank{rank}").remote()
             self.actors.append(actor)
-            # Ray gives each actor its own GPU as device 0.
-            self.runs.append(actor.run.remote(rank, spec, 0))
+            self.runs.append(actor.run.remote(rank, spec, None))
 
     def dead_reason(self) -> str | None:
         import ray
@@ -181,8 +182,9 @@ class RayFollowers:
 
 
 class _FollowerActor:
-    def run(self, rank: int, spec: WorkerSpec, device_index: int) -> None:
-        follower_main(rank, spec, device_index)
+    def run(self, rank: int, spec: WorkerSpec, device_index: int | None) -> None:
+        """`device_index` None: the GPU Ray assigned to this actor (or none, on CPU)."""
+        follower_main(rank, spec, (ray_cuda_index() or 0) if device_index is None else device_index)
 
 
 def free_tcp_address() -> str:

@@ -42,7 +42,9 @@ def node_id() -> str | None:
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
-def actor_options(num_cpus: float, resources: dict[str, float] | None = None, **options: float) -> dict[str, Any]:
-    """Ray actor options of a replica: its CPU share, custom resources, and the replica environment."""
+def actor_options(num_cpus: float, resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
+                  **options: float) -> dict[str, Any]:
+    """Ray actor options of a replica: its CPU share, custom resources, and the replica environment (plus
+    `env`)."""
     custom = {"resources": dict(resources)} if resources else {}
-    return {"num_cpus": num_cpus, **options, **custom, "runtime_env": {"env_vars": dict(_REPLICA_ENV)}}
+    return {"num_cpus": num_cpus, **options, **custom, "runtime_env": {"env_vars": {**_REPLICA_ENV, **(env or {})}}}

@@ -37,3 +37,36 @@ def test_explicit_gpus_are_kept(monkeypatch):
     assert placement.llm_gpus_per_rank(AppConfig(llm_num_gpus=0)) == 0.0
     assert placement.llm_gpus_per_rank(AppConfig(llm_num_gpus=0.25)) == 0.25  # waits for a GPU node
     assert placement.tensor_parallel_placement(AppConfig(), 1.0) == {}  # one rank: the actor options hold it
+
+
+def _llm_actor_env(config: AppConfig) -> dict[str, str]:
+    from serving.deployment import build_app
+
+    llm = build_app(config)._bound_deployment.init_args[1]._bound_deployment
+    return llm.ray_actor_options["runtime_env"]["env_vars"]
+
+
+def test_tensor_parallel_ranks_on_gpus_see_the_nodes_gpus(monkeypatch):
+    monkeypatch.setattr(placement, "cluster_gpus", lambda: 8.0)
+    base = {"insecure_no_auth": True, "embedding_model": "none"}
+    nccl_layout = _llm_actor_env(AppConfig(tensor_parallel_size=2, **base))
+    assert nccl_layout["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] == "1"
+    # One GPU per replica, or CPU ranks: Ray's usual one-device view is kept.
+    assert "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES" not in _llm_actor_env(AppConfig(**base))
+    assert "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES" not in _llm_actor_env(
+        AppConfig(tensor_parallel_size=2, device="cpu", **base))
+
+
+@pytest.mark.parametrize(("assigned", "visible", "index"), [
+    ("3", None, 3), (5, "", 5), ("6", "4,5,6,7", 2), ("GPU-aa", "GPU-ff, GPU-aa", 1)])
+def test_each_rank_picks_the_gpu_ray_assigned(assigned, visible, index):
+    from serving.utils.device import local_cuda_index
+
+    assert local_cuda_index(assigned, visible) == index
+
+
+def test_a_gpu_outside_the_visible_ones_is_a_clear_error():
+    from serving.utils.device import local_cuda_index
+
+    with pytest.raises(RuntimeError, match="GPU 3 assigned by Ray is not among CUDA_VISIBLE_DEVICES=0,1"):
+        local_cuda_index("3", "0,1")
