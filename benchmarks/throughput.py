@@ -88,7 +88,8 @@ def measure_peaks(dtype: torch.dtype, size: int = 2048, copy_mib: int = 256, rep
     big = torch.randn(copy_mib * 2**20 // dtype.itemsize, dtype=dtype)
     big.clone()
     best_copy = min(_timed(big.clone) for _ in range(repeats))
-    return {"matmul_flops_per_s": 2 * size**3 / best_mm, "copy_bytes_per_s": 2 * big.numel() * dtype.itemsize / best_copy,
+    return {"matmul_flops_per_s": 2 * size**3 / best_mm,
+            "copy_bytes_per_s": 2 * big.numel() * dtype.itemsize / best_copy,
             "matmul_size": size, "copy_mib": copy_mib}
 
 
@@ -245,7 +246,8 @@ def print_table(results: list[dict]) -> None:
         for label, t in rows:
             print(f"| {r['model']} | {label} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / best:.2f}x | "
                   f"{t['mfu']:.1%} |")
-    print("\n| model | batch-1 decode ms/token: engine | transformers | speed-up | MBU: engine | transformers |")
+    print("\n| model | batch-1 decode ms/token: engine | transformers | speed-up | MBU: engine | "
+          "transformers |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
         print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['transformers_decode_ms']:.2f} | "

@@ -17,7 +17,8 @@ from serving.capacity import (DTYPE_BYTES, Deployment, ModelShape, attention_flo
 def request_flops(shape: ModelShape, prompt_len: int, output_len: int) -> float:
     """Useful forward FLOPs of one request of `prompt_len` prompt and `output_len` generated tokens."""
     if prompt_len < 1 or output_len < 1:
-        raise ValueError(f"a request needs prompt_len >= 1 and output_len >= 1, got {prompt_len}, {output_len}")
+        raise ValueError(f"a request needs prompt_len >= 1 and output_len >= 1, "
+                         f"got {prompt_len} and {output_len}")
     fed = prompt_len + output_len - 1
     # The token at position p attends over p + 1 keys: sum over p < fed is fed * (fed + 1) / 2.
     keys = fed * (fed + 1) / 2

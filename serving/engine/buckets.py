@@ -85,5 +85,5 @@ class DecodeBuffers:
         tables[n:] = 0
         tables[n:, 0] = self.scratch_block
         return PaddedDecode(bucket, n, self.input_ids[:bucket], self.positions[:bucket],
-                            self.slot_mapping[:bucket], self.cu_seqlens_q[:bucket + 1], self.seq_lens_k[:bucket],
-                            tables)
+                            self.slot_mapping[:bucket], self.cu_seqlens_q[:bucket + 1],
+                            self.seq_lens_k[:bucket], tables)

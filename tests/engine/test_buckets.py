@@ -31,7 +31,8 @@ def test_fill_pads_rows_into_the_scratch_block_and_overwrites_stale_rows():
     buffers.fill(8, torch.arange(8), torch.arange(8), torch.arange(8), torch.full((8,), 7, dtype=torch.int32),
                  torch.ones(8, 4, dtype=torch.int32))
     step = buffers.fill(4, torch.tensor([5, 6, 7]), torch.tensor([3, 17, 40]), torch.tensor([3, 33, 72]),
-                        torch.tensor([4, 18, 41], dtype=torch.int32), torch.tensor([[0], [1], [4]], dtype=torch.int32))
+                        torch.tensor([4, 18, 41], dtype=torch.int32),
+                        torch.tensor([[0], [1], [4]], dtype=torch.int32))
     assert step.input_ids.tolist() == [5, 6, 7, 0]
     assert step.positions.tolist() == [3, 17, 40, 0]
     assert step.slot_mapping.tolist() == [3, 33, 72, 9 * BLOCK]

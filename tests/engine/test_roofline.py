@@ -1,4 +1,5 @@
-"""Useful-FLOP and bytes-per-token formulas against a real model: transformers' Llama under torch's FLOP counter."""
+"""Useful-FLOP and bytes-per-token formulas against a real model: transformers' Llama under torch's FLOP
+counter."""
 from __future__ import annotations
 
 import pytest
@@ -26,7 +27,8 @@ def test_prompt_flops_match_the_counted_forward(hf_model):
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         hf_model(torch.arange(prompt)[None] % CONFIG["vocab_size"], logits_to_keep=1)
     # The eager attention multiplies the full square score matrix; useful work is its causal half.
-    full_minus_causal = 4 * shape.num_layers * shape.num_heads * shape.head_dim * (prompt**2 - prompt * (prompt + 1) / 2)
+    per_key = 4 * shape.num_layers * shape.num_heads * shape.head_dim
+    full_minus_causal = per_key * (prompt**2 - prompt * (prompt + 1) / 2)
     assert request_flops(shape, prompt, 1) == pytest.approx(counter.get_total_flops() - full_minus_causal)
 
 
@@ -37,7 +39,8 @@ def test_generated_tokens_add_layers_head_and_growing_attention():
     layers = 2 * shape.num_layers * (128 * 128 * 2 + 64 * 128 * 2 + 352 * 128 * 3)
     attention = 4 * shape.num_layers * shape.num_heads * shape.head_dim * (11 + 12)
     assert step == layers * 2 + 2 * 2 * 500 * 128 + attention
-    assert workload_flops(shape, [(10, 3), (5, 1)]) == request_flops(shape, 10, 3) + request_flops(shape, 5, 1)
+    both = request_flops(shape, 10, 3) + request_flops(shape, 5, 1)
+    assert workload_flops(shape, [(10, 3), (5, 1)]) == both
     with pytest.raises(ValueError, match="output_len"):
         request_flops(shape, 10, 0)
 
@@ -51,7 +54,8 @@ def test_decode_bytes_read_every_weight_but_the_embedding_table(hf_model):
     expected = params - embedding.numel() * embedding.element_size() + one_row + 100 * kv_per_token
     assert decode_bytes_per_token(shape, 100) == expected
     tied = ModelShape.from_config(dict(CONFIG, tie_word_embeddings=True))
-    assert decode_bytes_per_token(tied, 0) == params - embedding.numel() * embedding.element_size()  # head reads it
+    # Tied: the LM head reads the whole table.
+    assert decode_bytes_per_token(tied, 0) == params - embedding.numel() * embedding.element_size()
     assert utilization(5.0, 20.0) == 0.25
     with pytest.raises(ValueError):
         utilization(1.0, 0.0)
