@@ -4,9 +4,11 @@ tensor-parallel rank: each rank holds its own KV heads.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from serving.capacity import kv_bytes_per_head_token
@@ -61,8 +63,8 @@ def attach(layers: list[Attention], backend: AttentionBackend, num_blocks: int, 
     kvh, head_dim, dtype = layout.num_kv_heads, layout.head_dim, layout.dtype
     shape = (2, len(layers), num_blocks, layout.block_size, kvh)
     quantized = kv_cache_dtype == "int8"
-    entries = torch.zeros(*shape, head_dim, dtype=torch.int8 if quantized else dtype, device=layout.device)
-    params = torch.zeros(*shape, 2, dtype=kv_quant.PARAM_DTYPE, device=layout.device) if quantized else None
+    entries = zeros((*shape, head_dim), torch.int8 if quantized else dtype, layout.device)
+    params = zeros((*shape, 2), kv_quant.PARAM_DTYPE, layout.device) if quantized else None
     for i, layer in enumerate(layers):
         layer.backend = backend
         if params is None:
@@ -72,3 +74,13 @@ def attach(layers: list[Attention], backend: AttentionBackend, num_blocks: int, 
             layer.v_cache = QuantizedKV(entries[1, i], params[1, i], dtype)
     return KVCachePool(kv_cache_dtype, num_blocks, layout.block_size,
                        kv_bytes_per_token(len(layers), kvh, head_dim, kv_cache_dtype, dtype), entries, params)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed tensor. On the CPU its pages are the kernel's zero pages until first written (calloc, which
+    torch.zeros is not: it writes every byte): a pool sized for max_num_seqs full-length sequences costs
+    resident memory only for the blocks in use, so the default pool does not take gigabytes on a laptop."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)

@@ -147,9 +147,10 @@ class ModelRunner:
         if agree_num_kv_blocks is not None:
             self.num_kv_blocks = agree_num_kv_blocks(self.num_kv_blocks)
         self.kv_pool = kv_cache.attach(layers, self.backend, self.num_kv_blocks, config.kv_cache_dtype, layout)
-        logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s (%s%s); %s "
+        logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s%s (%s%s); %s "
                     "attention workspace %.1f MiB", self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
-                    self.kv_pool.bytes_per_token, self.kv_pool.nbytes / 2**20, self.device, pool.reason,
+                    self.kv_pool.bytes_per_token, self.kv_pool.nbytes / 2**20, self.device,
+                    ", resident only as blocks are first used" if self.device.type == "cpu" else "", pool.reason,
                     "" if self.num_kv_blocks == pool.blocks else "; the smallest of the tensor-parallel ranks",
                     self.attention_backend, self.backend.workspace_bytes / 2**20)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from serving.capacity import (Deployment, Hardware, Load, ModelShape, kv_bytes_per_token, kv_pool_blocks, plan,
                               weight_bytes_per_gpu)
@@ -110,3 +111,25 @@ def test_default_kv_pool_says_which_bound_holds():
     # With 8 GiB free the memory share binds: 2.4 GiB of blocks, and the line says what the batch would need.
     short = default_kv_pool(8 * 2**30, 2**16, 0.3, 256, 4096, 16)
     assert short.blocks == int(8 * 2**30 * 0.3) // 2**16 and "would use 4.0 GiB" in short.reason
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+def test_cpu_kv_pool_is_zero_and_resident_only_where_written(dtype):
+    import psutil
+
+    from serving.engine.kv_cache import zeros
+
+    process = psutil.Process()
+    shape = (2, 4, 4096, 16, 8, 64)
+    before = process.memory_info().rss
+    pool = zeros(shape, dtype, torch.device("cpu"))  # 256 MiB (int8) to 1 GiB (float32)
+    untouched = process.memory_info().rss - before
+    pool[:, :, :8] = 1  # the first 8 blocks of each of the 8 (key/value, layer) slices
+    touched = process.memory_info().rss - before
+    pool_bytes = pool.numel() * pool.element_size()
+    assert pool.shape == shape and pool.dtype == dtype and pool.is_contiguous()
+    assert int(torch.count_nonzero(pool[:, :, 8:])) == 0 and bool((pool[:, :, :8] == 1).all())
+    assert untouched < 8 * 2**20
+    # 8 of 4096 blocks written: resident memory grows by those pages (2 MiB ones with transparent huge pages),
+    # far from the whole pool.
+    assert touched < pool_bytes / 4
