@@ -11,7 +11,7 @@ import jsonschema
 import openai
 import pytest
 
-from serving.engine.chat import encode_conversation
+from serving.engine.prompts import encode_chat
 from serving.models.tiny import resolve_model
 from tests.engine.test_engine import hf_greedy, hf_log_softmax
 from tests.fixtures.checkpoints import hf_model
@@ -109,7 +109,7 @@ def test_chat_logprobs_streamed_and_not(oai, serving_stack, reference):
     full = oai.chat.completions.create(**kwargs).choices[0]
     content = full.logprobs.content
     assert len(content) == 5 and "".join(t.token for t in content) == full.message.content
-    prompt_ids = encode_conversation(tokenizer, messages)
+    prompt_ids = encode_chat(tokenizer, messages)
     generated = hf_greedy(model, prompt_ids, 5)
     ref = hf_log_softmax(model, prompt_ids + generated)
     for j, t in enumerate(content):
