@@ -62,6 +62,8 @@ class EngineConfig:
                                   "(head_dim + 4 bytes each)", choices=("auto", "int8"))
     quantization: str | None = setting(None, "int8: weight-only, per output channel, quantized at load time",
                                        choices=(None, "int8"))
+    compile: bool = setting(False, "pure decode steps through torch.compile at batch sizes bucketed to powers of "
+                            "two, each compiled at start (off by default: on CPU it did not clearly win)")
     served_model_name: str | None = setting(None, "the name clients use (default: the model name, or a "
                                             "checkpoint's folder name)")
     stall_timeout_s: float = setting(30.0, "seconds with work but no engine step before the engine reports "

@@ -25,6 +25,7 @@ from torch import nn
 from serving.capacity import KVPoolSize, default_kv_pool
 from serving.config import EngineConfig
 from serving.engine import kv_cache
+from serving.engine.compiled import CompiledDecode
 from serving.engine.guided import fill_bitmask
 from serving.engine.penalty_slots import PenaltySlots
 from serving.engine.scheduler import SchedulerOutput
@@ -146,13 +147,23 @@ class ModelRunner:
         self.num_kv_blocks = pool.blocks
         if agree_num_kv_blocks is not None:
             self.num_kv_blocks = agree_num_kv_blocks(self.num_kv_blocks)
-        self.kv_pool = kv_cache.attach(layers, self.backend, self.num_kv_blocks, config.kv_cache_dtype, layout)
+        # Compiled decode pads its steps with rows that write one block no sequence owns: one past the pool.
+        scratch_blocks = 1 if config.compile else 0
+        self.kv_pool = kv_cache.attach(layers, self.backend, self.num_kv_blocks + scratch_blocks,
+                                       config.kv_cache_dtype, layout)
         logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s%s (%s%s); %s "
                     "attention workspace %.1f MiB", self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
                     self.kv_pool.bytes_per_token, self.kv_pool.nbytes / 2**20, self.device,
                     ", resident only as blocks are first used" if self.device.type == "cpu" else "", pool.reason,
                     "" if self.num_kv_blocks == pool.blocks else "; the smallest of the tensor-parallel ranks",
                     self.attention_backend, self.backend.workspace_bytes / 2**20)
+        self.compiled: CompiledDecode | None = None
+        if config.compile:
+            compiled = self.compiled = CompiledDecode(
+                self.model, config.max_num_seqs, -(-max_model_len // self.block_size), self.block_size,
+                scratch_block=self.num_kv_blocks, device=self.device)
+            with torch.inference_mode():
+                compiled.warm(lambda ids, pos, ctx: forward(compiled.model, self.backend, ids, pos, ctx))
 
     def _default_kv_pool(self, layers: list[Attention], max_model_len: int) -> KVPoolSize:
         bytes_per_block = self.block_size * kv_cache.kv_bytes_per_token(
@@ -287,7 +298,13 @@ class ModelRunner:
             num_prefill_seqs=inputs.num_prefill_seqs, num_prefill_tokens=inputs.num_prefill_tokens,
         )
         # The step's model forward (one place: a compiled or graph-captured path replaces this call).
-        hidden = forward(self.model, self.backend, inputs.input_ids, inputs.positions, ctx)
+        padded = self.compiled.pad(inputs.input_ids, inputs.positions, ctx) if self.compiled else None
+        if padded is None:
+            hidden = forward(self.model, self.backend, inputs.input_ids, inputs.positions, ctx)
+        else:
+            step, step_ctx = padded
+            hidden = step.unpad(forward(self.compiled.model, self.backend, step.input_ids, step.positions,
+                                        step_ctx))
         prompt_logprobs = None
         if inputs.prompt_logits_indices is not None:
             prompt_logprobs = self._prompt_logprobs(hidden, inputs)
