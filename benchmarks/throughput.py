@@ -177,6 +177,10 @@ def bench_engine(path: Path, requests: list[tuple[list[int], int]], useful: int,
     result = {"seconds": seconds, "tokens_per_s": useful / seconds,
               "num_preemptions": llm.engine.stats().num_preemptions,
               "attention_backend": llm.engine.executor.runner.attention_backend, **engine_args}
+    compiled = llm.engine.executor.runner.compiled
+    if compiled is not None:
+        result.update(compile_seconds=compiled.compile_seconds, compiled_steps=compiled.steps,
+                      recompiles_after_warmup=compiled.recompiles_since_warmup)
     label = ", ".join(f"{k}={v}" for k, v in engine_args.items()) or "defaults"
     print(f"engine ({label}): {useful / seconds:8.1f} tok/s ({seconds:.1f}s)", flush=True)
     if decode:
@@ -204,12 +208,16 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: i
     # Ablation: the engine with torch SDPA for decodes too, instead of the native CPU kernel.
     sdpa = bench_engine(path, requests, useful, args, decode=False, attention_backend="sdpa")
     gc.collect()
+    # The compile option side by side with the eager defaults (its buckets compile at start, not timed here).
+    compiled = bench_engine(path, requests, useful, args, decode=True, compile=True)
+    gc.collect()
     result = {"model": name, "num_requests": num_requests, "useful_tokens": useful,
               "prompt_range": prompt_range, "output_range": output_range,
               "transformers": hf["batches"], "transformers_best_batch": best_bs,
               "transformers_decode_ms": hf["decode_ms"], "engine_decode_ms": engine.pop("decode_ms"),
               "engine": engine,
-              "engine_same_batch": same_batch, "engine_sdpa": sdpa}
+              "engine_same_batch": same_batch, "engine_sdpa": sdpa,
+              "engine_compiled_decode_ms": compiled.pop("decode_ms"), "engine_compiled": compiled}
     add_utilization(result, ModelShape.load(path), requests, args)
     return result
 
@@ -242,7 +250,8 @@ def print_table(results: list[dict]) -> None:
         rows = [(f"transformers static batch {bs}", t) for bs, t in r["transformers"].items()]
         rows += [("engine (defaults)", r["engine"]),
                  (f"engine (max_num_seqs={r['engine_same_batch']['max_num_seqs']})", r["engine_same_batch"]),
-                 ("engine (attention_backend=sdpa)", r["engine_sdpa"])]
+                 ("engine (attention_backend=sdpa)", r["engine_sdpa"]),
+                 ("engine (compile=True)", r["engine_compiled"])]
         for label, t in rows:
             print(f"| {r['model']} | {label} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / best:.2f}x | "
                   f"{t['mfu']:.1%} |")
@@ -253,6 +262,13 @@ def print_table(results: list[dict]) -> None:
         print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['transformers_decode_ms']:.2f} | "
               f"{r['transformers_decode_ms'] / r['engine_decode_ms']:.2f}x | {r['engine_decode_mbu']:.1%} | "
               f"{r['transformers_decode_mbu']:.1%} |")
+    print("\n| model | batch-1 decode ms/token: eager | compiled | compile s per bucket | recompiles after warm-up |")
+    print("| --- | ---: | ---: | --- | ---: |")
+    for r in results:
+        c = r["engine_compiled"]
+        per_bucket = ", ".join(f"{b}: {t:.1f}" for b, t in c["compile_seconds"].items())
+        print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['engine_compiled_decode_ms']:.2f} | {per_bucket} | "
+              f"{c['recompiles_after_warmup']} |")
     print("\n| model | peak matmul GFLOP/s | copy GB/s | decode bytes/token |")
     print("| --- | ---: | ---: | ---: |")
     for r in results:
