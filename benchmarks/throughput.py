@@ -262,13 +262,14 @@ def print_table(results: list[dict]) -> None:
         print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['transformers_decode_ms']:.2f} | "
               f"{r['transformers_decode_ms'] / r['engine_decode_ms']:.2f}x | {r['engine_decode_mbu']:.1%} | "
               f"{r['transformers_decode_mbu']:.1%} |")
-    print("\n| model | batch-1 decode ms/token: eager | compiled | compile s per bucket | recompiles after warm-up |")
+    print("\n| model | batch-1 decode ms/token: eager | compiled | compile s per bucket | "
+          "recompiles after warm-up |")
     print("| --- | ---: | ---: | --- | ---: |")
     for r in results:
         c = r["engine_compiled"]
         per_bucket = ", ".join(f"{b}: {t:.1f}" for b, t in c["compile_seconds"].items())
-        print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['engine_compiled_decode_ms']:.2f} | {per_bucket} | "
-              f"{c['recompiles_after_warmup']} |")
+        print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['engine_compiled_decode_ms']:.2f} | "
+              f"{per_bucket} | {c['recompiles_after_warmup']} |")
     print("\n| model | peak matmul GFLOP/s | copy GB/s | decode bytes/token |")
     print("| --- | ---: | ---: | ---: |")
     for r in results:
