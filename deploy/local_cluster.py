@@ -122,9 +122,11 @@ class LocalCluster:
                          "for n in ray.nodes()]")
 
     def actors(self) -> list[dict]:
-        """The cluster's live actors (class, name, node id); needs the dashboard (`start_head(dashboard_port=)`)."""
-        return self._ask("[{'class': a.class_name, 'name': a.name, 'node': a.node_id} for a in "
-                         "__import__('ray.util.state').util.state.list_actors(filters=[('state', '=', 'ALIVE')])]")
+        """The cluster's live actors (class, name, node id), from the GCS (no dashboard needed)."""
+        return self._ask("[{'class': a['ActorClassName'], 'name': a.get('Name'), "
+                         "'node': a['Address']['NodeID']} for a in "
+                         "__import__('ray._private.state', fromlist=['actors']).actors().values() "
+                         "if a['State'] == 'ALIVE']")
 
     def _ask(self, expression: str) -> list[dict]:
         """`expression` evaluated in a short-lived driver process connected to the cluster, as JSON."""

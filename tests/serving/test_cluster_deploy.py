@@ -72,18 +72,24 @@ def test_serve_deploy_packs_tensor_parallel_ranks_and_shares_limits(tmp_path, re
         wait_until(healthy, 300, f"the deployed app (Ray logs in {ray_tmp})", interval_s=1)
 
         actors: list[dict] = []
+        problems: list[str] = []
 
         def listed() -> bool:
-            """The live actors, once both ingress replicas and the follower show (the state API can lag
-            behind /health, and fail while the head is busy)."""
+            """The live actors, once both ingress replicas and the follower show (the listing can lag behind
+            /health, and a query can fail while the head is busy)."""
             try:
                 actors[:] = cluster.actors()
-            except RuntimeError:
+            except RuntimeError as exc:
+                problems[:] = [str(exc)[-500:]]
                 return False
             classes = Counter(a["class"] for a in actors)
+            problems[:] = [str(dict(classes))]
             return classes["ServeReplica:mosaic:Ingress"] == 2 and classes["_FollowerActor"] == 1
 
-        wait_until(listed, 120, "the actors in the state API", interval_s=2)
+        try:
+            wait_until(listed, 120, "the cluster's actors", interval_s=2)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last seen: {problems}") from None
         nodes = {a["class"].rsplit(":", 1)[-1]: a["node"] for a in actors}
         assert nodes["_FollowerActor"] == nodes["LLMServer"]  # rank 1 beside rank 0
 
