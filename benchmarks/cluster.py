@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from serving.api.auth import add_key
-from tests.fixtures.cluster import LocalCluster
+from tests.fixtures.cluster import LocalCluster, stop_group
 from tests.fixtures.gateway import free_port
 
 MODEL = "tiny-llama-2-chat"
@@ -153,11 +152,7 @@ def run_layout(name: str, worker_nodes: int, args: argparse.Namespace, keys: Pat
         return result
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            stop_group(server)
         cluster.down()
 
 

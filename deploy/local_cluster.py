@@ -151,6 +151,17 @@ class LocalCluster:
                     proc.wait(timeout=10)
 
 
+def stop_group(proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    """SIGTERM to a process started in a session of its own (and everything it started); SIGKILL if it is not
+    gone within `timeout_s`."""
+    _kill_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 def _kill_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)

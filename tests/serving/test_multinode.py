@@ -8,8 +8,6 @@ The cluster is its own Ray instance in other processes (the test process holds t
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,7 +20,7 @@ import httpx
 import pytest
 
 from serving.api.auth import add_key
-from tests.fixtures.cluster import REPO, LocalCluster
+from tests.fixtures.cluster import REPO, LocalCluster, stop_group
 from tests.fixtures.gateway import free_port
 from tests.serving.helpers import wait_until
 
@@ -133,9 +131,5 @@ def test_replicas_spread_survive_a_node_crash_and_recover(tmp_path):
         assert len(set(recovered)) == 2 and set(recovered) != set(first)  # one on the node that joined
     finally:
         if server is not None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+            stop_group(server)
         cluster.down()
