@@ -24,7 +24,7 @@ from ray.serve.exceptions import (
 from ray.serve.handle import DeploymentHandle
 from transformers import PreTrainedTokenizerBase
 
-from serving.api.errors import APIError, bad_request, unavailable
+from serving.api.errors import CONTEXT_LENGTH_EXCEEDED, APIError, bad_request, unavailable
 from serving.engine.errors import ErrorKind, ErrorResult
 from serving.outputs import Delta
 
@@ -56,6 +56,8 @@ def error_for(result: ErrorResult, retry_after: int) -> APIError:
         return unavailable(result.message, "replica_unavailable", retry_after)
     if result.kind is ErrorKind.FAILED:
         return APIError(500, result.message, "request_failed")
+    if result.kind is ErrorKind.CONTEXT_WINDOW:
+        return bad_request(result.message, CONTEXT_LENGTH_EXCEEDED)
     return bad_request(result.message)
 
 

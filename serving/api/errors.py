@@ -60,8 +60,9 @@ def unavailable(message: str, code: str = "unavailable", retry_after: int = DEFA
     return APIError(503, message, code, retry_after)
 
 
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 # The engine's input errors that have their own code (any other PromptError is a plain invalid_request).
-_PROMPT_CODES = {ContextWindowError: "context_length_exceeded", InvalidMessagesError: "invalid_messages"}
+_PROMPT_CODES = {ContextWindowError: CONTEXT_LENGTH_EXCEEDED, InvalidMessagesError: "invalid_messages"}
 
 
 def invalid_input(exc: PromptError) -> APIError:

@@ -28,6 +28,7 @@ class ErrorKind(str, Enum):
     UNAVAILABLE = "unavailable"        # the engine is down and the replica is being replaced: retry elsewhere
     FAILED = "failed"                  # the request made the engine fail: the same request fails anywhere
     INVALID = "invalid"                # a bad value in the request
+    CONTEXT_WINDOW = "context_window"  # prompt + max_tokens exceed the context window (ContextWindowError)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from serving.engine.async_engine import AsyncLLMEngine
 from serving.engine.errors import (
+    ContextWindowError,
     EngineDeadError,
     EngineStalledError,
     ErrorKind,
@@ -86,6 +87,9 @@ class LLMServer:
         except RequestFailedError as exc:
             # Not retried anywhere: on another replica the same request would fail the same way.
             yield ErrorResult(ErrorKind.FAILED, str(exc))
+        except ContextWindowError as exc:
+            # Its own kind, so the client gets the code the ingress gives when it checks the window itself.
+            yield ErrorResult(ErrorKind.CONTEXT_WINDOW, str(exc))
         except ValueError as exc:
             yield ErrorResult(ErrorKind.INVALID, str(exc))
         finally:

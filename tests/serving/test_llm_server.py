@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from serving.api.backends import error_for
-from serving.api.errors import APIError
+from serving.api.errors import APIError, invalid_input
 from serving.app_config import AppConfig
-from serving.engine.errors import ErrorKind, ErrorResult
+from serving.engine.errors import ContextWindowError, ErrorKind, ErrorResult
+from serving.engine.prompts import check_context_window
 from serving.replicas.llm_server import LLMServer
 
 
@@ -56,8 +57,13 @@ async def test_admission_bound_errors_abort_and_health(tiny_chat_dir):
 
     bad = await _only_item(server.generate("d", ids, {"max_tokens": 3, "temperature": -1.0}), ErrorKind.INVALID)
     assert bad.status == 400 and "temperature" in bad.message
-    too_long = await _only_item(server.generate("e", ids, {"max_tokens": 5000}), ErrorKind.INVALID)
-    assert too_long.status == 400 and "4096" in too_long.message
+    too_long = await _only_item(server.generate("e", ids, {"max_tokens": 5000}), ErrorKind.CONTEXT_WINDOW)
+    # The same answer as when the ingress checks the window itself.
+    with pytest.raises(ContextWindowError) as at_ingress:
+        check_context_window(len(ids), 5000, info["max_model_len"])
+    ingress = invalid_input(at_ingress.value)
+    assert (too_long.status, too_long.code, too_long.message) == (400, "context_length_exceeded", ingress.message)
+    assert ingress.code == "context_length_exceeded" and "4096" in too_long.message
     top_k = await _only_item(server.generate("g", ids, {"max_tokens": 3, "temperature": 1.0, "top_k": 10**5}),
                              ErrorKind.INVALID)
     assert top_k.status == 400 and "top_k" in top_k.message and "vocabulary" in top_k.message
