@@ -24,7 +24,7 @@ from torch import nn
 
 from serving.capacity import KVPoolSize, default_kv_pool
 from serving.config import EngineConfig
-from serving.engine import kv_cache
+from serving.engine import kv_cache, kv_profile
 from serving.engine.compiled import CompiledDecode
 from serving.engine.guided import fill_bitmask
 from serving.engine.penalty_slots import PenaltySlots
@@ -142,6 +142,7 @@ class ModelRunner:
                                                 config.block_size, config.kv_cache_dtype)
         layout = kv_cache.kv_layout(layers, self.block_size, self.dtype, self.device, max_model_len)
         self.backend = make_backend(self.attention_backend, layout)
+        self.step_profile: kv_profile.StepProfile | None = None   # CUDA: the worst-case step the pool is sized after
         pool = (KVPoolSize(config.num_kv_blocks, "num_kv_blocks") if config.num_kv_blocks
                 else self._default_kv_pool(layers, max_model_len))
         self.num_kv_blocks = pool.blocks
@@ -168,13 +169,37 @@ class ModelRunner:
     def _default_kv_pool(self, layers: list[Attention], max_model_len: int) -> KVPoolSize:
         bytes_per_block = self.block_size * kv_cache.kv_bytes_per_token(
             len(layers), layers[0].num_kv_heads, layers[0].head_dim, self.config.kv_cache_dtype, self.dtype)
+        sizes = (bytes_per_block, self.config.kv_cache_memory_fraction, self.config.max_num_seqs, max_model_len,
+                 self.block_size, self.backend.workspace_bytes)
         if self.device.type == "cuda":
-            free_bytes, _ = torch.cuda.mem_get_info(self.device)
-        else:
-            free_bytes = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        return default_kv_pool(free_bytes, bytes_per_block, self.config.kv_cache_memory_fraction,
-                               self.config.max_num_seqs, max_model_len, self.block_size,
-                               self.backend.workspace_bytes)
+            self.step_profile = kv_profile.measure(self.device, lambda: self.dummy_step(layers, max_model_len))
+            return kv_profile.profiled_kv_pool(self.step_profile, *sizes)
+        return default_kv_pool(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), *sizes)
+
+    @torch.inference_mode()
+    def dummy_step(self, layers: list[Attention], max_model_len: int) -> None:
+        """The largest step the scheduler can make, forward and sampler (kv_profile), on a scratch KV block
+        with its own sampler: it leaves no state behind."""
+        config = self.config
+        starts, num_new = kv_profile.worst_case_step(config.max_num_batched_tokens, config.max_num_seqs,
+                                                     max_model_len)
+        layout = step_layout(starts, num_new, [[0] * -(-max_model_len // self.block_size)] * len(starts),
+                             self.block_size)
+        on_device = [t.to(self.device) for t in (layout.positions, layout.slot_mapping, layout.cu_seqlens_q,
+                                                 layout.seq_lens_k, layout.block_tables)]
+        positions, slot_mapping, cu_seqlens_q, seq_lens_k, block_tables = on_device
+        prefills = sum(n > 1 for n in num_new)
+        ctx = AttentionContext(cu_seqlens_q=cu_seqlens_q, seq_lens_k=seq_lens_k, slot_mapping=slot_mapping,
+                               block_tables=block_tables, host_cu_seqlens_q=layout.cu_seqlens_q.tolist(),
+                               host_seq_lens_k=layout.seq_lens_k.tolist(), num_prefill_seqs=prefills,
+                               num_prefill_tokens=sum(num_new[:prefills]))
+        kv_layout = kv_cache.kv_layout(layers, self.block_size, self.dtype, self.device, max_model_len)
+        with kv_profile.scratch_kv(layers, self.backend, config.kv_cache_dtype, kv_layout):
+            hidden = forward(self.model, self.backend, positions % self.vocab_size, positions, ctx)
+            logits = self.model.compute_logits(hidden.index_select(0, cu_seqlens_q[1:].long() - 1))
+            sampling = kv_profile.worst_case_sampling(len(starts), config.max_num_seqs, self.vocab_size,
+                                                      self.device)
+            Sampler(self.device, config.seed)(logits, sampling)
 
     def prepare(self, batch: SchedulerOutput) -> tuple[StepInputs, StepPlan]:
         """Host-side inputs for one step, and which sequences its outputs belong to."""
