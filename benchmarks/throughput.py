@@ -39,6 +39,7 @@ import torch
 from serving import LLM, SamplingParams
 from serving.capacity import ModelShape
 from serving.config import DEFAULT_MODEL
+from serving.engine.compiled import CompiledDecode
 from serving.models.tiny import resolve_model, write_random_weights
 from serving.roofline import decode_bytes_per_token, utilization, workload_flops
 
@@ -177,8 +178,8 @@ def bench_engine(path: Path, requests: list[tuple[list[int], int]], useful: int,
     result = {"seconds": seconds, "tokens_per_s": useful / seconds,
               "num_preemptions": llm.engine.stats().num_preemptions,
               "attention_backend": llm.engine.executor.runner.attention_backend, **engine_args}
-    compiled = llm.engine.executor.runner.compiled
-    if compiled is not None:
+    compiled = llm.engine.executor.runner.decode
+    if isinstance(compiled, CompiledDecode):
         result.update(compile_seconds=compiled.compile_seconds, compiled_steps=compiled.steps,
                       recompiles_after_warmup=compiled.recompiles_since_warmup)
     label = ", ".join(f"{k}={v}" for k, v in engine_args.items()) or "defaults"

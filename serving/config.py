@@ -64,6 +64,9 @@ class EngineConfig:
                                        choices=(None, "int8"))
     compile: bool = setting(False, "pure decode steps through torch.compile at batch sizes bucketed to powers of "
                             "two, each compiled at start (off by default: on CPU it did not clearly win)")
+    cuda_graphs: bool = setting(True, "on CUDA with a graph-safe attention backend (flash_attn), pure decode steps "
+                                "replay CUDA graphs captured at start for the compile option's batch buckets; "
+                                "False: decode runs eagerly (elsewhere it always does)")
     served_model_name: str | None = setting(None, "the name clients use (default: the model name, or a "
                                             "checkpoint's folder name)")
     stall_timeout_s: float = setting(30.0, "seconds with work but no engine step before the engine reports "

@@ -8,13 +8,28 @@ The step's inputs are copied into static buffers sized for the largest bucket (C
 addresses; the compiled path reads the same views). Padding rows are harmless by construction: each feeds
 token 0 at position 0 into a scratch KV block that no sequence owns (its cache slot is that block's first,
 its context is that one slot), so no padded row writes or reads a real sequence's keys and values.
+
+`BucketedDecode` is the one seam both paths share: it picks a step's bucket, fills the buffers and readies
+every bucket at start; a subclass says how a padded step runs (serving/engine/compiled.py: a compiled
+forward; serving/engine/cuda_graphs.py: the replay of a graph captured at start).
 """
 from __future__ import annotations
 
 import bisect
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from serving.layers.attention_types import KVLayout
+from serving.utils.context import AttentionContext
+
+logger = logging.getLogger(__name__)
+
+# The model's hidden states for a step: (input_ids, positions, attention context) -> [T, hidden].
+StepForward = Callable[[torch.Tensor, torch.Tensor, AttentionContext], torch.Tensor]
 
 
 def batch_buckets(max_num_seqs: int, largest: int = 512) -> tuple[int, ...]:
@@ -87,3 +102,63 @@ class DecodeBuffers:
         return PaddedDecode(bucket, n, self.input_ids[:bucket], self.positions[:bucket],
                             self.slot_mapping[:bucket], self.cu_seqlens_q[:bucket + 1],
                             self.seq_lens_k[:bucket], tables)
+
+
+def padded_context(step: PaddedDecode, host_seq_lens_k: list[int]) -> AttentionContext:
+    """The attention context of a padded step: views of the static buffers, and `host_seq_lens_k` for the
+    backend's plan (the real rows' lengths then 1 per padding row; a graph capture passes upper bounds)."""
+    return AttentionContext(
+        cu_seqlens_q=step.cu_seqlens_q, seq_lens_k=step.seq_lens_k, slot_mapping=step.slot_mapping,
+        block_tables=step.block_tables, host_cu_seqlens_q=list(range(step.bucket + 1)),
+        host_seq_lens_k=host_seq_lens_k, num_prefill_seqs=0, num_prefill_tokens=0)
+
+
+class BucketedDecode:
+    """Pure decode steps of up to the largest bucket's sequences, padded into static buffers, run by `_run`;
+    `prepare` readies every bucket at start (on steps of padding rows only: they touch just the scratch block),
+    so nothing is compiled or captured on the request path."""
+
+    path = ""                       # EngineStats.decode_path
+    prepared = "prepared"           # what the start-up log line says `_prepare` did
+    largest_first = False           # the order `prepare` takes the buckets in
+
+    def __init__(self, forward: StepForward, layout: KVLayout, max_num_seqs: int, scratch_block: int):
+        self.forward = forward
+        self.layout = layout
+        self.buckets = batch_buckets(max_num_seqs)
+        self.buffers = DecodeBuffers(self.buckets[-1], layout.max_blocks_per_seq, layout.block_size,
+                                     scratch_block, layout.device)
+        self.prepare_seconds: dict[int, float] = {}
+        self.steps = 0              # steps that ran bucketed
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext) -> torch.Tensor | None:
+        """The step's hidden states [num_seqs, hidden]; None: it has prefill tokens or more sequences than the
+        largest bucket, and runs eagerly."""
+        num_seqs = len(ctx.host_seq_lens_k)
+        bucket = bucket_for(num_seqs, self.buckets) if ctx.num_prefill_seqs == 0 else None
+        if bucket is None:
+            return None
+        step = self.buffers.fill(bucket, input_ids, positions, ctx.slot_mapping, ctx.seq_lens_k, ctx.block_tables)
+        self.steps += 1
+        return step.unpad(self._run(step, ctx.host_seq_lens_k + [1] * (bucket - num_seqs)))
+
+    def prepare(self) -> None:
+        order = sorted(self.buckets, reverse=self.largest_first)
+        device = self.buffers.input_ids.device
+        empty = torch.zeros(0, dtype=torch.int64, device=device)
+        for i, bucket in enumerate(order):
+            step = self.buffers.fill(bucket, empty, empty, empty, empty.int(),
+                                     torch.zeros(0, 1, dtype=torch.int32, device=device))
+            start = time.perf_counter()
+            self._prepare(step)
+            self.prepare_seconds[bucket] = time.perf_counter() - start
+            logger.info("%s decode bucket %d (%d/%d) in %.1f s", self.prepared, bucket, i + 1, len(order),
+                        self.prepare_seconds[bucket])
+
+    def _prepare(self, step: PaddedDecode) -> None:
+        """Ready the bucket of `step` (a step of padding rows only)."""
+        raise NotImplementedError
+
+    def _run(self, step: PaddedDecode, host_seq_lens_k: list[int]) -> torch.Tensor:
+        """The hidden states of a padded step, [bucket, hidden]."""
+        raise NotImplementedError

@@ -49,6 +49,10 @@ class EngineStats:
     kv_cache_dtype: str             # auto (the model dtype) or int8
     kv_bytes_per_token: int         # one cached token's keys and values, all layers, per tensor-parallel rank
     kv_capacity_tokens: int         # tokens the whole pool holds
+    # Pure decode steps within the batch buckets: "cuda_graphs" (replayed), "compiled" or "eager".
+    decode_path: str = "eager"
+    decode_buckets: int = 0         # buckets captured (cuda_graphs) or compiled at start
+    bucketed_decode_steps: int = 0  # cumulative steps on that path (graph replays under cuda_graphs)
 
 
 class LLMEngine:
@@ -389,8 +393,15 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
             num_steps=self.num_steps, kv_cache_dtype=self.config.kv_cache_dtype,
             kv_bytes_per_token=self.executor.runner.kv_pool.bytes_per_token,
-            kv_capacity_tokens=self.executor.runner.kv_pool.capacity_tokens,
+            kv_capacity_tokens=self.executor.runner.kv_pool.capacity_tokens, **self._decode_stats(),
         )
+
+    def _decode_stats(self) -> dict[str, str | int]:
+        decode = self.executor.runner.decode
+        if decode is None:
+            return {}
+        return {"decode_path": decode.path, "decode_buckets": len(decode.prepare_seconds),
+                "bucketed_decode_steps": decode.steps}
 
 
 def _entries(logprobs: Logprobs, token_ids: list[int], ks: list[int | None]) -> list[dict[int, float] | None]:

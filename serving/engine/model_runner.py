@@ -24,8 +24,10 @@ from torch import nn
 
 from serving.capacity import KVPoolSize, default_kv_pool
 from serving.config import EngineConfig
-from serving.engine import kv_cache, kv_profile
-from serving.engine.compiled import CompiledDecode
+from serving.engine import cuda_graphs, kv_cache, kv_profile
+from serving.engine.buckets import BucketedDecode
+from serving.engine.compiled import CompiledDecode, compile_model
+from serving.engine.cuda_graphs import GraphDecode
 from serving.engine.guided import fill_bitmask
 from serving.engine.penalty_slots import PenaltySlots
 from serving.engine.scheduler import SchedulerOutput
@@ -148,8 +150,11 @@ class ModelRunner:
         self.num_kv_blocks = pool.blocks
         if agree_num_kv_blocks is not None:
             self.num_kv_blocks = agree_num_kv_blocks(self.num_kv_blocks)
-        # Compiled decode pads its steps with rows that write one block no sequence owns: one past the pool.
-        scratch_blocks = 1 if config.compile else 0
+        graphs, why = cuda_graphs.choose(config.cuda_graphs, self.device, self.backend, cuda_graphs.API)
+        if self.device.type == "cuda" and not graphs:
+            logger.info("decode runs without CUDA graphs: %s", why)
+        # Bucketed decode pads its steps with rows that write one block no sequence owns: one past the pool.
+        scratch_blocks = 1 if config.compile or graphs else 0
         self.kv_pool = kv_cache.attach(layers, self.backend, self.num_kv_blocks + scratch_blocks,
                                        config.kv_cache_dtype, layout)
         logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s%s (%s%s); %s "
@@ -158,13 +163,18 @@ class ModelRunner:
                     ", resident only as blocks are first used" if self.device.type == "cpu" else "", pool.reason,
                     "" if self.num_kv_blocks == pool.blocks else "; the smallest of the tensor-parallel ranks",
                     self.attention_backend, self.backend.workspace_bytes / 2**20)
-        self.compiled: CompiledDecode | None = None
-        if config.compile:
-            compiled = self.compiled = CompiledDecode(
-                self.model, config.max_num_seqs, -(-max_model_len // self.block_size), self.block_size,
-                scratch_block=self.num_kv_blocks, device=self.device)
+        # Pure decode steps within the batch buckets (None: every step eager): captured graphs, else compiled.
+        self.decode: BucketedDecode | None = None
+        if config.compile or graphs:
+            model = compile_model(self.model) if config.compile else self.model
+            step_forward = lambda ids, pos, ctx: forward(model, self.backend, ids, pos, ctx)
+            sizes = (step_forward, layout, config.max_num_seqs, self.num_kv_blocks)
+            self.decode = GraphDecode(*sizes, cuda_graphs.API) if graphs else CompiledDecode(*sizes)
+            if graphs:
+                logger.info("decode replays CUDA graphs (%s)%s", why,
+                            ", of the compiled forward" if config.compile else "")
             with torch.inference_mode():
-                compiled.warm(lambda ids, pos, ctx: forward(compiled.model, self.backend, ids, pos, ctx))
+                self.decode.prepare()
 
     def _default_kv_pool(self, layers: list[Attention], max_model_len: int) -> KVPoolSize:
         bytes_per_block = self.block_size * kv_cache.kv_bytes_per_token(
@@ -322,14 +332,10 @@ class ModelRunner:
             block_tables=inputs.block_tables, host_cu_seqlens_q=host_cu, host_seq_lens_k=host_lens,
             num_prefill_seqs=inputs.num_prefill_seqs, num_prefill_tokens=inputs.num_prefill_tokens,
         )
-        # The step's model forward (one place: a compiled or graph-captured path replaces this call).
-        padded = self.compiled.pad(inputs.input_ids, inputs.positions, ctx) if self.compiled else None
-        if padded is None:
+        # The step's model forward: bucketed (compiled or a graph replay) where it applies, else eager.
+        hidden = self.decode.run(inputs.input_ids, inputs.positions, ctx) if self.decode else None
+        if hidden is None:
             hidden = forward(self.model, self.backend, inputs.input_ids, inputs.positions, ctx)
-        else:
-            step, step_ctx = padded
-            hidden = step.unpad(forward(self.compiled.model, self.backend, step.input_ids, step.positions,
-                                        step_ctx))
         prompt_logprobs = None
         if inputs.prompt_logits_indices is not None:
             prompt_logprobs = self._prompt_logprobs(hidden, inputs)

@@ -42,6 +42,11 @@ class KVLayout:
 
 class AttentionBackend(Protocol):
     name: str
+    # Whether a pure decode step's plan and forward can be captured in a CUDA graph and replayed for any step
+    # of the same batch size: they read lengths and block tables only from the context's device tensors (the
+    # plan is made from a context whose host-side lengths are upper bounds, max_model_len), with no
+    # host-to-device copy and no host sync (serving/engine/cuda_graphs.py).
+    graph_safe: bool
 
     @property
     def workspace_bytes(self) -> int:

@@ -46,6 +46,8 @@ class FlashPlan:
 class FlashAttnBackend:
     name = "flash_attn"
     workspace_bytes = 0             # reads the cache in place
+    # The kernel reads lengths and block tables from device tensors; max_seqlen_k is the context's bound.
+    graph_safe = True
 
     def __init__(self, layout: KVLayout, varlen_func: Callable):
         self.layout = layout

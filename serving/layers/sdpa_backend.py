@@ -103,6 +103,8 @@ class _Workspace:
 
 class SdpaBackend:
     name = "sdpa"
+    # Decode tiles group rows by host-side lengths (a replay would reuse the capture's grouping and padding).
+    graph_safe = False
 
     def __init__(self, layout: KVLayout, policy: SdpaPolicy | None = None):
         self.layout = layout
@@ -212,6 +214,8 @@ class CpuKernelBackend(SdpaBackend):
     codes with their scales (float32 queries either way). It gathers nothing for decodes."""
 
     name = "cpu_kernel"
+    # A pure decode step's plan is views of the context's device tensors.
+    graph_safe = True
 
     def __init__(self, layout: KVLayout, kernel: PagedDecodeAttention):
         self._kernel = kernel
