@@ -58,25 +58,39 @@ def _context(input_ids, slots, seq_lens, tables) -> AttentionContext:
                             host_seq_lens_k=seq_lens.tolist(), num_prefill_seqs=0, num_prefill_tokens=0)
 
 
+NUM_BLOCKS = 8                  # blocks 0-6 for sequences, 7 the scratch block
+
+
+def random_kv_model(model_dir, backend_name: str, max_model_len: int):
+    """(model, backend, layout, KV pool) on CPU: NUM_BLOCKS random blocks, the last (the scratch block) zeroed."""
+    model = load_model(model_dir, torch.float32, torch.device("cpu"))
+    layers = attention_layers(model)
+    name = select_backend(backend_name, torch.device("cpu"), torch.float32, BLOCK)
+    layout = kv_cache.kv_layout(layers, BLOCK, torch.float32, torch.device("cpu"), max_model_len)
+    backend = make_backend(name, layout)
+    pool = kv_cache.attach(layers, backend, NUM_BLOCKS, "auto", layout)
+    pool.entries.copy_(torch.randn(pool.entries.shape, generator=torch.Generator().manual_seed(0)))
+    pool.entries[:, :, NUM_BLOCKS - 1] = 0
+    return model, backend, layout, pool
+
+
+def decode_step(input_ids: list[int], seq_lens: list[int], tables: torch.Tensor):
+    """(input_ids, positions, slot_mapping, seq_lens_k) of one decode token per sequence."""
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    positions = lens.long() - 1
+    slots = tables[torch.arange(len(seq_lens)), positions // BLOCK].long() * BLOCK + positions % BLOCK
+    return torch.tensor(input_ids), positions, slots, lens
+
+
 @pytest.mark.parametrize("backend_name", ["auto", "sdpa"])
 @torch.inference_mode()
 def test_padded_decode_matches_eager_and_keeps_real_kv(tiny_chat_dir, backend_name):
-    model = load_model(tiny_chat_dir, torch.float32, torch.device("cpu"))
-    layers = attention_layers(model)
-    name = select_backend(backend_name, torch.device("cpu"), torch.float32, BLOCK)
-    layout = kv_cache.kv_layout(layers, BLOCK, torch.float32, torch.device("cpu"), 256)
-    backend = make_backend(name, layout)
-    num_blocks = 8                                             # blocks 0-6 for sequences, 7 the scratch block
-    pool = kv_cache.attach(layers, backend, num_blocks, "auto", layout)
-    pool.entries.copy_(torch.randn(pool.entries.shape, generator=torch.Generator().manual_seed(0)))
-    pool.entries[:, :, num_blocks - 1] = 0
+    model, backend, _, pool = random_kv_model(tiny_chat_dir, backend_name, 256)
+    num_blocks = NUM_BLOCKS
     before = pool.entries.clone()
     # Three decoding sequences with contexts of 5, 17 and 30 tokens (after this step's token).
-    seq_lens = torch.tensor([5, 17, 30], dtype=torch.int32)
     tables = torch.tensor([[0, 0], [1, 2], [3, 4]], dtype=torch.int32)
-    positions = seq_lens.long() - 1
-    slots = tables[torch.arange(3), positions // BLOCK].long() * BLOCK + positions % BLOCK
-    input_ids = torch.tensor([11, 22, 33])
+    input_ids, positions, slots, seq_lens = decode_step([11, 22, 33], [5, 17, 30], tables)
 
     eager = forward(model, backend, input_ids, positions, _context(input_ids, slots, seq_lens, tables))
     eager_kv = pool.entries.clone()

@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from serving import LLM, SamplingParams
-from serving.engine import cuda_graphs, kv_cache
+from serving.engine import cuda_graphs
 from serving.engine.cuda_graphs import CudaGraphApi, GraphDecode, choose
 from serving.engine.model_runner import forward
-from serving.layers.attention import attention_layers, make_backend
 from serving.layers.attention_types import KVLayout
 from serving.layers.flash_backend import FlashAttnBackend
 from serving.layers.sdpa_backend import SdpaBackend
-from serving.models.loader import load_model
-from tests.engine.test_buckets import BLOCK, _context, flat
+from tests.engine.test_buckets import BLOCK, NUM_BLOCKS, _context, decode_step, flat, random_kv_model
 from tests.engine.test_engine import hf_greedy, random_prompt
 from tests.fixtures.checkpoints import hf_model
 
@@ -68,14 +66,8 @@ def test_replays_match_eager_and_keep_real_kv(tiny_chat_dir, backend_name):
     """A capture per bucket, largest first into one pool, touching only the scratch block; replays of two steps
     with other lengths give the eager hidden states and KV writes. SDPA plans from host lengths (not graph-safe:
     it would pad every row to max_model_len), so forcing it checks that captures plan for the longest context."""
-    model = load_model(tiny_chat_dir, torch.float32, torch.device("cpu"))
-    layers = attention_layers(model)
-    layout = kv_cache.kv_layout(layers, BLOCK, torch.float32, torch.device("cpu"), 64)
-    backend = make_backend(backend_name, layout)
-    num_blocks = 8                                             # blocks 0-6 for sequences, 7 the scratch block
-    pool = kv_cache.attach(layers, backend, num_blocks, "auto", layout)
-    pool.entries.copy_(torch.randn(pool.entries.shape, generator=torch.Generator().manual_seed(0)))
-    pool.entries[:, :, num_blocks - 1] = 0
+    model, backend, layout, pool = random_kv_model(tiny_chat_dir, backend_name, 64)
+    num_blocks = NUM_BLOCKS
     before = pool.entries.clone()
     api = FakeGraphApi()
     graphs = GraphDecode(lambda ids, pos, ctx: forward(model, backend, ids, pos, ctx), layout, 4, num_blocks - 1, api)
@@ -87,11 +79,8 @@ def test_replays_match_eager_and_keep_real_kv(tiny_chat_dir, backend_name):
 
     tables = torch.tensor([[0, 0, 0], [1, 2, 0], [3, 4, 5]], dtype=torch.int32)
     for rows, lens in ((slice(0, 3), [5, 17, 30]), (slice(1, 3), [18, 47])):       # buckets 4 and 2
-        seq_lens = torch.tensor(lens, dtype=torch.int32)
         step_tables = tables[rows]
-        positions = seq_lens.long() - 1
-        slots = step_tables[torch.arange(len(lens)), positions // BLOCK].long() * BLOCK + positions % BLOCK
-        input_ids = torch.tensor([11, 22, 33][rows])
+        input_ids, positions, slots, seq_lens = decode_step([11, 22, 33][rows], lens, step_tables)
         ctx = _context(input_ids, slots, seq_lens, step_tables)
         snapshot = pool.entries.clone()
         eager = forward(model, backend, input_ids, positions, ctx)
