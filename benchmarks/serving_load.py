@@ -15,6 +15,14 @@ settings, torch threads included (`--engine-threads` to change that).
     python benchmarks/serving_load.py                       # concurrency 1 4 16 32
     python benchmarks/serving_load.py --concurrency 1 4 16 --rounds 2 --min-requests 8   # small and quick
     python benchmarks/serving_load.py --hops    # also on the LLM replica's handle: the cost of each hop
+    python benchmarks/serving_load.py --pin     # the engine on core 0, everything else on core 1
+
+`--pin` gives the engine a core of its own, as on a GPU node where the HTTP path does not compete with it:
+in process, the engine's step thread runs on core 0 and this process's other threads (clients, event loop)
+on core 1; for the server, the LLM replica's process (its step thread and its event loop, which serves the
+transport) runs on core 0 and every other process of this Ray session (proxy, ingress, controller, raylet,
+GCS) and this process on core 1. The server's replica loop shares the engine's core, the in-process loop
+does not: if anything, that favours the in-process side.
 
 Writes benchmarks/results/serving_load.json and serving_load.png (throughput and latency charts).
 """
@@ -120,8 +128,56 @@ class Recorder:
         self.last = now
 
 
+def _descendants(pid: int) -> list[int]:
+    """`pid`'s child processes, their children, and so on (Ray's raylet, GCS and workers under the driver)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _pin_process(pid: int, cores: set[int]) -> None:
+    """Every thread of `pid` on `cores` (sched_setaffinity on a pid moves only its main thread); threads
+    started later inherit it from their creator."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except (ProcessLookupError, PermissionError):
+            pass  # a thread that just ended
+
+
+def pin_server(app_name: str) -> int:
+    """The server side of `--pin`: the LLM replica's process on core 0, the rest of this Ray session and this
+    process on core 1. Returns the replica's pid."""
+    replica = None
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        is_replica = cmdline.startswith(f"ray::ServeReplica:{app_name}:LLMServer".encode())
+        replica = pid if is_replica else replica
+        _pin_process(pid, {0} if is_replica else {1})
+    if replica is None:
+        raise RuntimeError("--pin: no LLM replica process found among this Ray session's processes")
+    _pin_process(os.getpid(), {1})
+    return replica
+
+
 async def measure(engine_config: EngineConfig, base_url: str, model: str, levels: list[tuple[int, list]],
-                  hops: bool) -> dict[str, list[Level]]:
+                  hops: bool, pin: bool = False) -> dict[str, list[Level]]:
     """Each level on the in-process engine, then at once on the server (and with `hops`, in between, on the
     LLM replica's handle: Ray's transport without the proxy, the ingress and SSE): every path of a level
     runs under the same background load."""
@@ -131,6 +187,10 @@ async def measure(engine_config: EngineConfig, base_url: str, model: str, levels
     from serving.sampling_params import SamplingParams
 
     engine = AsyncLLMEngine(engine_config)
+    if pin:
+        # The in-process side of --pin: the engine's step thread alone on core 0 (the executor's one thread,
+        # started here, keeps the affinity it sets for itself).
+        await asyncio.get_running_loop().run_in_executor(engine._executor, os.sched_setaffinity, 0, {0})
     request_ids = iter(range(10**9))
 
     async def in_process(prompt: list[int], max_tokens: int) -> Sample:
@@ -167,7 +227,10 @@ async def measure(engine_config: EngineConfig, base_url: str, model: str, levels
     if hops:
         from ray import serve
 
-        llm_handle = serve.get_deployment_handle("LLMServer", app_name=APP).options(stream=True)
+        from serving.api.backends import streaming
+
+        # The same transport as the ingress's.
+        llm_handle = streaming(serve.get_deployment_handle("LLMServer", app_name=APP))
     try:
         warm_up = levels[0][1][:2]
         for one in paths.values():
@@ -240,6 +303,8 @@ def main() -> int:
     parser.add_argument("--hops", action="store_true",
                         help="also time the LLM replica's handle directly, to split the serving path's cost into "
                              "Ray's transport and the HTTP path (proxy, ingress, SSE)")
+    parser.add_argument("--pin", action="store_true",
+                        help="the engine on core 0 and everything else on core 1, in both runs (see above)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serving_load.json")
     args = parser.parse_args()
 
@@ -274,10 +339,12 @@ def main() -> int:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         print("starting the server ...", flush=True)
         serve.run(build_app(app), name=APP, route_prefix="/")
+        if args.pin:
+            print(f"pinned: LLM replica (pid {pin_server(APP)}) on core 0, the rest on core 1", flush=True)
         print(f"measuring: in-process engine ({threads} torch threads) then server (replica with "
               f"{app.llm_num_cpus:g} CPUs), level by level ...", flush=True)
         paths = asyncio.run(measure(app.engine_config(), f"http://127.0.0.1:{port}",
-                                    app.engine_config().served_model_name, levels, args.hops))
+                                    app.engine_config().served_model_name, levels, args.hops, args.pin))
         in_process, server = paths["in_process"], paths["server"]
     finally:
         if ray.is_initialized():
@@ -287,7 +354,8 @@ def main() -> int:
 
     results = {
         "benchmark": "serving_load", "model": args.model, "in_process_torch_threads": threads,
-        "server_replica_cpus": app.llm_num_cpus, "cpus": os.cpu_count(),
+        "server_replica_cpus": app.llm_num_cpus, "cpus": os.cpu_count(), "pinned": args.pin,
+        "load_average": os.getloadavg(),
         "platform": platform.platform(), "python": sys.version.split()[0],
         "workload": {"prompt_tokens": [32, 256], "max_tokens": [32, 128], "greedy": True, "ignore_eos": True,
                      "rounds": args.rounds, "min_requests": args.min_requests, "seed": args.seed},

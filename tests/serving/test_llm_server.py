@@ -3,6 +3,7 @@ health reporting once the engine is gone."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from serving.api.errors import APIError, invalid_input
 from serving.app_config import AppConfig
 from serving.engine.errors import ContextWindowError, ErrorKind, ErrorResult
 from serving.engine.prompts import check_context_window
+from serving.outputs import Delta
 from serving.replicas.llm_server import LLMServer
 
 
@@ -111,3 +113,12 @@ def test_replica_code_does_not_import_the_http_layer():
             "print(sorted(m for m in sys.modules if m.startswith('serving.api')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_stream_items_cross_with_plain_pickle():
+    """The ingress's handle asks Ray for plain pickle (serving.api.backends.streaming), which refuses what
+    only cloudpickle can carry: every kind of item a replica streams must survive it."""
+    delta = Delta(index=1, text="hé", num_tokens=3, finish_reason="length", token_ids=[5, 6],
+                  logprobs=[{5: -0.1}, {6: -0.2}], prompt_logprobs=[None, {4: -1.5}])
+    items = [[delta], ErrorResult(ErrorKind.OVERLOADED, "replica queue is full")]
+    assert pickle.loads(pickle.dumps(items)) == items
