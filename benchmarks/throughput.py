@@ -131,7 +131,7 @@ def run_transformers(model, requests: list[tuple[list[int], int]], batch_size: i
             ids[row, width - len(prompt):] = torch.tensor(prompt)
             mask[row, width - len(prompt):] = 1
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=max(n for _, n in batch), do_sample=False,
+            model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max(n for _, n in batch), do_sample=False,
                            eos_token_id=None, pad_token_id=0)
     return time.perf_counter() - start
 
