@@ -16,14 +16,21 @@ the followers wait in a collective, which gives up after `tp_timeout_s`: an idle
 message well before that, so an engine can sit idle for any time and still serve. During a step the driver
 waits for the step's result while it polls its followers' liveness (see `_wait_for_step`): under NCCL a
 dead peer does not fail a collective, it hangs it until the watchdog kills the process.
+
+A step that raises on every rank (an error from the step's inputs) is the engine's to isolate, as on one
+process: the followers report it and stay in their loop, and `run` raises the driver's own error. A rank that
+fails a step alone, while the others may wait for it in a collective, makes the engine dead within a grace
+(`_PEER_FAILURE_GRACE_S`, at most half of `tp_timeout_s`), naming the rank.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -41,6 +48,7 @@ from serving.parallel.workers import (
     Followers,
     LocalFollowers,
     RayFollowers,
+    StepFailures,
     WorkerSpec,
     agree_on_min,
     check_in_key,
@@ -59,9 +67,14 @@ _KEEPALIVES_PER_TIMEOUT = 4
 _CHECK_IN_POLL_S = 0.05
 # Starting a follower (spawn, import torch) takes seconds on a busy machine, whatever the collective timeout.
 _MIN_CHECK_IN_S = 120.0
-# How often a step that has not finished checks that every follower still runs. Most steps finish
-# before the first check, so a step pays no liveness probe (a Ray round trip for actor followers).
+# How often a step that has not finished checks that every follower still runs and reads the failures they
+# reported. Most steps finish before the first check, so a step pays no liveness probe (a Ray round trip for
+# actor followers) and no store round trip.
 _STEP_LIVENESS_POLL_S = 0.05
+# Once one rank failed a step, how long the others have to fail it too: ranks run a step in lockstep through
+# its collectives, so one that fails the same way gets there within about one layer's work. At most half of
+# tp_timeout_s, so that a collective which timed out waiting for the failed rank comes too late to count.
+_PEER_FAILURE_GRACE_S = 10.0
 
 
 class TensorParallelExecutor:
@@ -76,6 +89,9 @@ class TensorParallelExecutor:
         self._lock = threading.Lock()
         self._closed = False
         self._timeout_s = config.tp_timeout_s
+        self._failures = StepFailures(store, config.tensor_parallel_size)
+        self._num_steps = 0               # steps broadcast (the followers count them the same way)
+        self._broken: str | None = None   # why the group cannot run steps any more
         try:
             self._await_check_ins(store, config.tensor_parallel_size)
             # In a Ray actor: the GPU Ray assigned to this replica; local processes: rank 0's is device 0.
@@ -126,6 +142,8 @@ class TensorParallelExecutor:
         interval = self._timeout_s / _KEEPALIVES_PER_TIMEOUT
         while not self._stop.wait(interval / 2):
             with self._lock:
+                if self._broken is not None:
+                    return   # the engine is dead and its group may be aborted: no follower to keep waiting
                 if self._closed or time.monotonic() - self._last_message < interval:
                     continue
                 try:
@@ -144,8 +162,16 @@ class TensorParallelExecutor:
         with self._lock:
             if self._closed:
                 raise EngineDeadError("the tensor-parallel executor is shut down")
+            if self._broken is not None:
+                raise EngineDeadError(self._broken)
+            self._num_steps += 1
             step = self._step_thread.submit(self._broadcast_and_run, inputs)
-            return _wait_for_step(step, self.followers)
+            grace_s = min(self._timeout_s / 2, _PEER_FAILURE_GRACE_S)
+            try:
+                return _wait_for_step(step, self.followers, self._failures, self._num_steps, grace_s)
+            except EngineDeadError as error:
+                self._broken = str(error)
+                raise
 
     def _broadcast_and_run(self, inputs: StepInputs) -> SamplerOutput:
         dist.broadcast_object_list([inputs], src=0, group=get_cpu_group())
@@ -154,7 +180,7 @@ class TensorParallelExecutor:
         return self.runner.run(inputs).cpu()
 
     def check_health(self) -> None:
-        reason = self.followers.dead_reason()
+        reason = self._broken or self.followers.dead_reason()
         if reason is not None:
             raise EngineDeadError(reason)
 
@@ -164,7 +190,8 @@ class TensorParallelExecutor:
             if self._closed:
                 return
             self._closed = True
-            if self.followers.dead_reason() is None:
+            # A broken group may have a follower inside a collective: the join below stops it.
+            if self._broken is None and self.followers.dead_reason() is None:
                 try:
                     dist.broadcast_object_list([STOP], src=0, group=get_cpu_group())
                 except RuntimeError:
@@ -174,26 +201,83 @@ class TensorParallelExecutor:
             destroy_tensor_parallel()
 
 
-def _wait_for_step(step: concurrent.futures.Future, followers: Followers) -> SamplerOutput:
-    """The step's result; EngineDeadError as soon as it fails or a follower is seen dead while it runs.
+def _wait_for_step(step: concurrent.futures.Future, followers: Followers, failures: StepFailures, number: int,
+                   grace_s: float) -> SamplerOutput:
+    """Step `number`'s result, or the error it raised on every rank (for the engine to isolate);
+    EngineDeadError as soon as a follower is seen dead, or when a rank failed the step alone.
 
     Over gloo a dead peer's closed sockets fail the collective at once; over NCCL the collective would wait
     for the peer until the watchdog aborts the process. So the driver does not trust the collective to
     fail: it polls liveness, and on a death it aborts the group (which releases the step's thread) and
     reports the engine dead.
+
+    Every rank runs the same code on the same inputs, so an error that comes from the inputs (a shape, a
+    token id, a sampling value) is raised on every rank at the same point, after the same collectives: the
+    group stays in step, and the followers, which reported it, go on when told. An error on one rank only is
+    different: the others may wait for it in a collective it skipped, and its next collective would pair
+    with that one. So once a rank failed, the others have `grace_s` to fail too; otherwise the followers that
+    reported are told to stop and the engine is dead, the message naming the rank that failed alone.
     """
-    while True:
-        try:
-            return step.result(timeout=_STEP_LIVENESS_POLL_S)
-        except concurrent.futures.TimeoutError:
-            reason = followers.dead_reason()
-            if reason is None:
-                continue
+    failed: dict[int, str] = {}   # follower rank -> its error, for this step
+    deadline = math.inf
+    while not concurrent.futures.wait([step], timeout=_STEP_LIVENESS_POLL_S).done:
+        _check_followers(followers, failures, failed, number)
+        if failed:
+            deadline = min(deadline, time.monotonic() + grace_s)
+        if time.monotonic() > deadline:
+            failures.answer(failed, resume=False)
             _abort_group()
-            raise EngineDeadError(f"{reason} during a step") from None
-        except RuntimeError as error:
-            raise EngineDeadError(followers.dead_reason() or f"a tensor-parallel collective failed: "
-                                  f"{error}") from error
+            raise EngineDeadError(f"tensor-parallel rank {_ranks(failed)} failed step {number} alone "
+                                  f"({_errors(failed)}) while rank 0 waited for it in a collective")
+    error = step.exception()
+    if error is None:
+        if failed:
+            failures.answer(failed, resume=False)
+            raise EngineDeadError(f"tensor-parallel rank {_ranks(failed)} failed step {number} alone "
+                                  f"({_errors(failed)}); rank 0 ran it")
+        return step.result()
+    own = f"{type(error).__name__}: {str(error)[:200]}"
+    deadline = min(deadline, time.monotonic() + grace_s)
+    while True:
+        if len(failed) < len(failures.follower_ranks):
+            _check_followers(followers, failures, failed, number, error)
+        missing = [rank for rank in failures.follower_ranks if rank not in failed]
+        if time.monotonic() > deadline:
+            failures.answer(failed, resume=False)
+            if missing:
+                message = f"tensor-parallel rank 0 failed step {number} ({own}) but rank {_ranks(missing)} did not"
+            else:   # rank 0's error came too late to be the same one (a collective that timed out waiting)
+                message = (f"tensor-parallel rank {_ranks(failed)} failed step {number} alone ({_errors(failed)}) "
+                           f"while rank 0 waited for it; rank 0 failed past the {grace_s:g}s grace ({own})")
+            raise EngineDeadError(message) from error
+        if not missing:
+            failures.answer(failed, resume=True)
+            raise error
+        time.sleep(_STEP_LIVENESS_POLL_S)
+
+
+def _check_followers(followers: Followers, failures: StepFailures, failed: dict[int, str], number: int,
+                     error: BaseException | None = None) -> None:
+    """Raise EngineDeadError if a follower died, or reported a failure of an earlier step (which rank 0 ran:
+    the report came after that step's result); add this step's reports to `failed`."""
+    reason = followers.dead_reason()
+    if reason is not None:
+        if error is None:
+            _abort_group()
+        raise EngineDeadError(f"{reason} during a step") from error
+    for rank, (step, message) in failures.collect().items():
+        failed[rank] = message
+        if step != number:
+            failures.answer(failed, resume=False)
+            raise EngineDeadError(f"tensor-parallel rank {rank} failed step {step} alone ({message}); rank 0 ran it")
+
+
+def _ranks(ranks: Iterable[int]) -> str:
+    return ", ".join(map(str, ranks))
+
+
+def _errors(failed: dict[int, str]) -> str:
+    return "; ".join(dict.fromkeys(failed.values()))
 
 
 def _abort_group() -> None:

@@ -8,6 +8,10 @@ its ModelRunner class), so imports point one way, engine -> parallel.
 
 Followers are local processes (spawned) or Ray actors in the replica's placement group; how the driver starts,
 watches and stops them is told in serving/engine/tp_executor.py.
+
+A follower whose step raises stays in its loop: it reports the failure (`StepFailures`) and waits for the
+driver's verdict before it takes part in any collective again: go on (every rank failed the step the same
+way, fault isolation re-runs it in parts) or stop (it failed alone: the group cannot be trusted).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import dataclasses
 import logging
 import multiprocessing
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +39,11 @@ FOLLOWER_NAME_PREFIX = "mosaic-tp-follower-"
 KEEPALIVE = "keepalive"
 # Broadcast by the driver to stop its followers.
 STOP = None
+
+
+# Keys of StepFailures on the rendezvous store (outside the process group's own prefix).
+_FAILURE_COUNT_KEY = "mosaic/step-failures"
+_RESUME, _GIVE_UP = b"resume", b"stop"
 
 
 class StepRunner(Protocol):
@@ -67,6 +76,59 @@ class WorkerSpec:
     make_runner: RunnerFactory
 
 
+class StepFailures:
+    """Failed steps, out of band on the group's rendezvous store; a step that runs sends nothing, so the
+    steps' hot path has no reply. A follower reports a step it failed, then waits for the driver's verdict;
+    the driver reads the reports while it waits for a step (serving/engine/tp_executor.py, `_wait_for_step`)."""
+
+    def __init__(self, store: dist.Store, world_size: int):
+        self.store = store
+        self.follower_ranks = range(1, world_size)
+        self._num_read = 0   # the driver's: reports read so far
+
+    # ---- a follower
+
+    def report(self, rank: int, step: int, error: Exception) -> None:
+        self.store.set(_failed_key(rank), f"{step}\n{type(error).__name__}: {str(error)[:200]}")
+        self.store.add(_FAILURE_COUNT_KEY, 1)   # after the report: a driver that sees the count finds it
+
+    def await_verdict(self, rank: int, timeout_s: float) -> bool:
+        """True: go on with the next message; False: stop. Raises when no verdict comes within `timeout_s`."""
+        key = _verdict_key(rank)
+        self.store.wait([key], timedelta(seconds=timeout_s))
+        verdict = self.store.get(key)
+        self.store.delete_key(key)
+        return verdict == _RESUME
+
+    # ---- the driver
+
+    def collect(self) -> dict[int, tuple[int, str]]:
+        """The reports not read yet: rank -> (step number, error). One store round trip when there are none."""
+        if self.store.add(_FAILURE_COUNT_KEY, 0) == self._num_read:
+            return {}
+        reports = {}
+        for rank in self.follower_ranks:
+            key = _failed_key(rank)
+            if self.store.check([key]):
+                step, _, error = self.store.get(key).decode().partition("\n")
+                self.store.delete_key(key)
+                reports[rank] = (int(step), error)
+        self._num_read += len(reports)
+        return reports
+
+    def answer(self, ranks: Iterable[int], resume: bool) -> None:
+        for rank in ranks:
+            self.store.set(_verdict_key(rank), _RESUME if resume else _GIVE_UP)
+
+
+def _failed_key(rank: int) -> str:
+    return f"mosaic/step-failed/{rank}"
+
+
+def _verdict_key(rank: int) -> str:
+    return f"mosaic/step-verdict/{rank}"
+
+
 def agree_on_min(value: int) -> int:
     """The smallest of every rank's `value` (a collective over the gloo group)."""
     agreed = torch.tensor([value])
@@ -90,6 +152,8 @@ def follower_main(rank: int, spec: WorkerSpec, device_index: int) -> None:
         runner = spec.make_runner(dataclasses.replace(spec.config, device=str(device)), spec.model_path,
                                   spec.max_model_len, agree_on_min)
         group = get_cpu_group()
+        failures = StepFailures(store, spec.config.tensor_parallel_size)
+        step = 0   # steps run, counted like the driver counts the steps it broadcasts
         while True:
             message: list[Any] = [STOP]
             dist.broadcast_object_list(message, src=0, group=group)
@@ -97,7 +161,15 @@ def follower_main(rank: int, spec: WorkerSpec, device_index: int) -> None:
                 return
             if message[0] == KEEPALIVE:
                 continue
-            runner.run(message[0])
+            step += 1
+            try:
+                runner.run(message[0])
+            except Exception as error:  # noqa: BLE001 - reported; the driver decides what follows
+                logger.warning("tensor-parallel rank %d: step %d failed (%s); waiting for the driver's verdict",
+                               rank, step, type(error).__name__)
+                failures.report(rank, step, error)
+                if not failures.await_verdict(rank, spec.config.tp_timeout_s):
+                    return
     finally:
         destroy_tensor_parallel()
 

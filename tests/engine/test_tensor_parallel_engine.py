@@ -1,5 +1,7 @@
 """The engine at tensor_parallel_size=2 (gloo follower process): same greedy tokens as TP=1 and
-transformers; a dead follower marks the engine dead, also when it dies inside a step; shutdown leaves no orphan process."""
+transformers; a dead follower marks the engine dead, also when it dies inside a step; shutdown leaves no orphan process;
+how the driver tells a step every rank failed from one a rank failed alone (fault isolation:
+tests/engine/test_tp_fault_isolation.py)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -12,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from serving import LLM, SamplingParams
 from serving.engine.errors import EngineDeadError
 from serving.engine.tp_executor import _wait_for_step
+from serving.parallel.workers import StepFailures
 from tests.fixtures.checkpoints import hf_model
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -109,7 +113,7 @@ def test_follower_dying_before_the_rendezvous_is_a_clear_error(llama_dir: Path, 
     script.write_text(f"from serving import LLM\nLLM(model={str(llama_dir)!r}, tensor_parallel_size=2, "
                       "num_kv_blocks=64)\n")
     started = time.monotonic()
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+    done = subprocess.run([sys.executable, str(script)], check=False, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert done.returncode != 0
     assert "tp-rank-1 exited with code 1 before joining the tensor-parallel group" in done.stderr, done.stderr[-2000:]
@@ -163,8 +167,45 @@ def test_a_step_that_never_returns_fails_when_a_follower_dies() -> None:
     hung: concurrent.futures.Future = concurrent.futures.Future()
     started = time.monotonic()
     with pytest.raises(EngineDeadError, match="rank 1 died during a step"):
-        _wait_for_step(hung, _DiesAfter(0.3))
+        _wait_for_step(hung, _DiesAfter(0.3), StepFailures(dist.HashStore(), 2), 1, 5.0)
     assert 0.3 <= time.monotonic() - started < 3
     done: concurrent.futures.Future = concurrent.futures.Future()
     done.set_result("output")
-    assert _wait_for_step(done, _DiesAfter(0)) == "output"  # a finished step is not failed afterwards
+    assert _wait_for_step(done, _DiesAfter(0), StepFailures(dist.HashStore(), 2), 1, 5.0) == "output"
+
+
+def _failed(error: Exception) -> concurrent.futures.Future:
+    step: concurrent.futures.Future = concurrent.futures.Future()
+    step.set_exception(error)
+    return step
+
+
+def test_a_step_failed_by_every_rank_is_the_engine_s_to_isolate() -> None:
+    """The driver gets its own error back (not EngineDeadError) and the follower is told to go on."""
+    failures = StepFailures(dist.HashStore(), 2)
+    failures.report(1, 3, ValueError("bad id"))
+    error = ValueError("bad id")
+    with pytest.raises(ValueError) as raised:
+        _wait_for_step(_failed(error), _DiesAfter(60), failures, 3, 5.0)
+    assert raised.value is error
+    assert failures.await_verdict(1, 1.0) is True
+
+
+def test_a_step_failed_by_one_rank_is_the_engine_s_death() -> None:
+    alive = _DiesAfter(60)
+    # Rank 0 alone: the follower never reports; the wait ends after the grace.
+    with pytest.raises(EngineDeadError, match=r"rank 0 failed step 1 \(ValueError: bad\) but rank 1 did not"):
+        _wait_for_step(_failed(ValueError("bad")), alive, StepFailures(dist.HashStore(), 2), 1, 0.2)
+    # Rank 1 alone, while rank 0's step waits for it (a collective that never returns).
+    failures = StepFailures(dist.HashStore(), 2)
+    failures.report(1, 4, RuntimeError("device fault"))
+    hung: concurrent.futures.Future = concurrent.futures.Future()
+    with pytest.raises(EngineDeadError, match=r"rank 1 failed step 4 alone \(RuntimeError: device fault\) while "
+                                              "rank 0 waited for it in a collective"):
+        _wait_for_step(hung, alive, failures, 4, 0.2)
+    assert failures.await_verdict(1, 1.0) is False
+    # Rank 1 alone in a step rank 0 ran: its report is seen while the next step waits.
+    failures.report(1, 5, RuntimeError("late"))
+    with pytest.raises(EngineDeadError, match=r"rank 1 failed step 5 alone \(RuntimeError: late\); rank 0 ran it"):
+        _wait_for_step(hung, alive, failures, 6, 0.2)
+    assert failures.await_verdict(1, 1.0) is False
