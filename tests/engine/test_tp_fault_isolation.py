@@ -12,13 +12,14 @@ import pytest
 from serving import LLM, SamplingParams
 from serving.engine import tp_executor
 from serving.engine.errors import EngineDeadError
-from tests.engine.test_engine import hf_greedy, random_prompt
-from tests.engine.test_fault_isolation import run_to_end
-from tests.fixtures.checkpoints import hf_model
+from tests.engine import test_fault_isolation
+from tests.engine.test_engine import random_prompt
+from tests.engine.test_fault_isolation import GREEDY, run_to_end
 from tests.fixtures.rank_fault import FAULT_IDS, RankOneFaultRunner
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-TP_TIMEOUT_S = 5.0   # also the grace a rank has to fail a step another rank failed
+# The single-process tests' prompts and transformers' greedy tokens for them (GREEDY).
+prompts, reference = test_fault_isolation.prompts, test_fault_isolation.reference
+TP_TIMEOUT_S = 5.0   # half of it is the grace a rank has to fail a step another rank failed
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +32,10 @@ def tp_llm(llama_dir: Path) -> Iterator[LLM]:
     llm.shutdown()
 
 
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    return [random_prompt(n, seed=500 + n) for n in (9, 40, 75)]
-
-
-@pytest.fixture(scope="module")
-def reference(llama_dir: Path, prompts) -> list[list[int]]:
-    hf = hf_model(llama_dir)
-    return [hf_greedy(hf, p, GREEDY.max_tokens) for p in prompts]
-
-
 def poisoned(make_request, request_id: str, prompt: list[int]):
     """A request the engine's checks let through with prompt_logprobs=1, then asking for more top entries than
-    the vocabulary has: every rank's step raises in the prompt logprobs (after one of the step's collectives,
-    before the sampler's)."""
+    the vocabulary has: every rank's step raises in the prompt logprobs (after the model's collectives and one
+    all-gather of prompt logits, before the sampler's)."""
     request = make_request(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=12, prompt_logprobs=1))
     request.params = copy.copy(request.params)
     request.params.prompt_logprobs = 10**6
