@@ -27,7 +27,12 @@ from serving.utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = "paged_attention.c"
+# Each source file and the C signatures of its functions: (name, pointer arguments, int64 arguments, float
+# arguments); every function ends with an int thread count and returns nothing.
+_SOURCES = {
+    "paged_attention.c": (("paged_decode_attention_f32", 6, 6, 1), ("paged_decode_attention_i8", 8, 6, 1)),
+    "small_linear.c": (("small_linear_f32", 4, 3, 0),),
+}
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 # Linked without -ffast-math: linking with it would add crtfastmath.o, whose constructor changes the
 # floating-point mode of the whole process when the library loads.
@@ -59,29 +64,30 @@ def _build(compiler: str, source: Path, target: Path) -> None:
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
+def _library(name: str) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        logger.warning("no C compiler found: CPU attention uses the pure-torch path")
+        logger.warning("no C compiler found: %s's kernels fall back to pure torch", name)
         return None
-    source = resources.files(__package__) / _SOURCE
+    source = resources.files(__package__) / name
     key = hashlib.sha256()
     for part in (source.read_bytes(), compiler.encode(), " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode(),
                  platform.machine().encode(), _cpu_features().encode()):
         key.update(part)
-    target = cache_dir() / "kernels" / f"paged_attention-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"{name.removesuffix('.c')}-{key.hexdigest()[:16]}.so"
     try:
         if not target.exists():
             with resources.as_file(source) as path:
                 _build(compiler, path, target)
-            logger.info("built CPU attention kernel %s", target)
+            logger.info("built CPU kernel %s", target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU attention kernel unavailable (%s): using the pure-torch path", exc)
+        logger.warning("CPU kernels of %s unavailable (%s): using the pure-torch path", name, exc)
         return None
-    for name, pointers in (("paged_decode_attention_f32", 6), ("paged_decode_attention_i8", 8)):
-        kernel = getattr(lib, name)
-        kernel.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * 6 + [ctypes.c_float, ctypes.c_int]
+    for function, pointers, ints, floats in _SOURCES[name]:
+        kernel = getattr(lib, function)
+        kernel.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * ints + [ctypes.c_float] * floats
+                           + [ctypes.c_int])
         kernel.restype = None
     return lib
 
@@ -94,7 +100,7 @@ def paged_decode_attention() -> PagedDecodeAttention | None:
     with k/v_params [num_blocks, block_size, KVH, 2] float16 (scale, zero), block_tables [N, max_blocks]
     int32, seq_lens [N] int32, all contiguous CPU tensors; it writes out in place.
     """
-    lib = _library()
+    lib = _library("paged_attention.c")
     if lib is None:
         return None
 
@@ -111,5 +117,28 @@ def paged_decode_attention() -> PagedDecodeAttention | None:
         kernel(out.data_ptr(), q.data_ptr(), *caches, block_tables.data_ptr(), seq_lens.data_ptr(), num_seqs,
                num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], block_tables.shape[1], scale,
                torch.get_num_threads())
+
+    return run
+
+
+# (x [M, K], weight [N, K], bias [N] or None) -> [M, N]
+SmallLinear = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@functools.cache
+def small_linear() -> SmallLinear | None:
+    """`F.linear` for a few rows of contiguous float32 CPU tensors, split over torch's threads
+    (small_linear.c), or None where it cannot be built here."""
+    lib = _library("small_linear.c")
+    if lib is None:
+        return None
+    kernel = lib.small_linear_f32
+
+    def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        (m, k), n = x.shape, weight.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        kernel(y.data_ptr(), x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), m, n, k,
+               torch.get_num_threads())
+        return y
 
     return run

@@ -14,8 +14,25 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from serving.kernels import small_linear
 from serving.layers.int8_weights import int8_linear, quantize_per_channel
 from serving.parallel.state import get_tp_rank, get_tp_world_size
+
+# Rows of x up to which a float32 CPU product runs in the native kernel (serving/kernels/small_linear.c):
+# there torch's BLAS streams the weights on one thread; with more rows it is compute-bound and as fast.
+SMALL_LINEAR_MAX_ROWS = 8
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; a decode step's few rows of float32 CPU activations go through the native kernel
+    (not under torch.compile, which traces F.linear)."""
+    if (x.dim() == 2 and x.shape[0] <= SMALL_LINEAR_MAX_ROWS and x.device.type == "cpu"
+            and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+            and not torch.compiler.is_compiling()):
+        kernel = small_linear()
+        if kernel is not None:
+            return kernel(x.contiguous(), weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def narrow(loaded: Any, dim: int, start: int, size: int) -> torch.Tensor:
@@ -66,7 +83,7 @@ class LinearBase(nn.Module):
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight_scale is None:
-            return F.linear(x, self.weight, bias)
+            return linear(x, self.weight, bias)
         return int8_linear(x, self.weight, self.weight_scale, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:
