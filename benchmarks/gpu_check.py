@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import importlib.util
+import gc
 import json
 import math
 import sys
@@ -48,6 +48,7 @@ from serving import LLM, SamplingParams
 from serving.capacity import ModelShape
 from serving.config import DEFAULT_MODEL, EngineConfig
 from serving.engine.sequence import Request
+from serving.layers.flash_backend import load_flash_attn
 from serving.models.tiny import resolve_model
 from serving.roofline import decode_bytes_per_token, utilization
 from tests.fixtures.checkpoints import LLAMA3_ROPE_SCALING, PEAKED_LOGIT_STD, write_llama_checkpoint
@@ -67,14 +68,19 @@ MIN_AGREEMENT = {torch.float32: 1.0, torch.bfloat16: 0.97, torch.float16: 0.97}
 
 
 class Report:
-    def __init__(self) -> None:
+    def __init__(self, output: Path | None = None, **header) -> None:
+        """With `output`: the JSON file, rewritten at every verdict (a run cut short keeps what it found)."""
         self.checks: list[dict] = []
+        self.output, self.header = output, header
 
     def verdict(self, name: str, ok: bool | None, **details) -> None:
         """ok: PASS / FAIL; None: INFO (a measurement), or SKIP when details give a `reason`."""
         label = ("SKIP" if "reason" in details else "INFO") if ok is None else "PASS" if ok else "FAIL"
         self.checks.append({"check": name, "verdict": label, **details})
         print(f"{label} {name} {json.dumps(details, default=str)}", flush=True)
+        if self.output is not None:
+            self.output.parent.mkdir(parents=True, exist_ok=True)
+            self.output.write_text(json.dumps({**self.header, "checks": self.checks}, indent=2, default=str))
 
     @contextlib.contextmanager
     def guard(self, name: str) -> Iterator[None]:
@@ -188,8 +194,10 @@ def mixed_parity(report: Report, name: str, llm: LLM, references: dict[str, torc
     need = MIN_AGREEMENT[llm.engine.executor.runner.dtype]
     ok = (not run.nan and run.chunked and run.prefix_hits > 0 and run.mixed_steps > 0
           and all(a >= need for a in agreement.values()))
+    stats = llm.engine.stats()
     report.verdict(f"mixed-step parity {name}", ok, top1=agreement, min_top1=need, nan=run.nan,
-                   mixed_steps=run.mixed_steps, chunked_prefill=run.chunked, prefix_hit_tokens=run.prefix_hits)
+                   mixed_steps=run.mixed_steps, chunked_prefill=run.chunked, prefix_hit_tokens=run.prefix_hits,
+                   decode_path=stats.decode_path, bucketed_decode_steps=stats.bucketed_decode_steps)
     return run
 
 
@@ -246,12 +254,9 @@ def decode_step_syncs(llm: LLM, device: torch.device, rows: int = 4) -> list[str
 
 
 def graph_option() -> tuple[dict, dict] | None:
-    """(eager, graph) EngineConfig settings, when EngineConfig has a CUDA-graph option."""
-    names = {f.name for f in dataclasses.fields(EngineConfig)}
-    if "cuda_graphs" in names:
+    """(eager, graph) EngineConfig settings, when EngineConfig has the CUDA-graph option."""
+    if "cuda_graphs" in {f.name for f in dataclasses.fields(EngineConfig)}:
         return {"cuda_graphs": False}, {"cuda_graphs": True}
-    if "enforce_eager" in names:
-        return {"enforce_eager": True}, {"enforce_eager": False}
     return None
 
 
@@ -317,6 +322,41 @@ def memory_checks(report: Report, path: Path, device: torch.device) -> None:
                        free_mib_after=torch.cuda.mem_get_info(device)[0] / mib)
 
 
+def decode_speed_checks(report: Report, mbu_model: Path, tiny: Path, flash: bool, device: torch.device) -> None:
+    """Batch-1 decode: eager vs compiled (tiny model), eager vs CUDA graphs (the MBU model on flash-attn at
+    block 256: graphs need a graph-safe backend, which SDPA is not), and bandwidth utilization of each."""
+    cuda_bf16 = {"device": str(device), "dtype": "bfloat16"}
+    option = graph_option()
+    eager = option[0] if option else {}
+    # One batch bucket (max_num_seqs=1): compile=True compiles every bucket at start.
+    speeds = {"tiny_eager_ms": decode_ms(LLM(str(tiny), **cuda_bf16), device),
+              "tiny_compiled_ms": decode_ms(LLM(str(tiny), **cuda_bf16, compile=True, max_num_seqs=1), device),
+              "mbu_sdpa_eager_ms": decode_ms(LLM(str(mbu_model), **cuda_bf16, attention_backend="sdpa"), device)}
+    flash_bf16 = dict(cuda_bf16, attention_backend="flash_attn", block_size=256)
+    if flash:
+        speeds["mbu_flash_eager_ms"] = decode_ms(LLM(str(mbu_model), **flash_bf16, **eager), device)
+    if option is None:
+        report.verdict("decode eager vs CUDA graphs", None, reason="skipped: no graph option")
+    elif not flash:
+        report.verdict("decode eager vs CUDA graphs", None, reason="graphs need flash_attn (graph-safe), which "
+                       "does not import")
+    else:
+        graphed = LLM(str(mbu_model), **flash_bf16, **option[1])
+        speeds["mbu_flash_graphs_ms"] = decode_ms(graphed, device)
+        stats = graphed.engine.stats()
+        report.verdict("decode eager vs CUDA graphs", stats.decode_path == "cuda_graphs"
+                       and stats.bucketed_decode_steps > 0, decode_path=stats.decode_path,
+                       graph_steps=stats.bucketed_decode_steps, eager_tok_s=1e3 / speeds["mbu_flash_eager_ms"],
+                       graph_tok_s=1e3 / speeds["mbu_flash_graphs_ms"])
+        del graphed
+    report.verdict("batch-1 decode ms per token", None, **speeds)
+    bandwidth = copy_bandwidth(device)
+    per_token = decode_bytes_per_token(ModelShape.load(mbu_model), 40, dtype="bfloat16")
+    report.verdict("batch-1 decode MBU (mbu model)", None, clone_bytes_per_s=bandwidth, bytes_per_token=per_token,
+                   goal=0.65, **{name.removesuffix("_ms"): utilization(per_token / (ms / 1e3), bandwidth)
+                                 for name, ms in speeds.items() if name.startswith("mbu_")})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check.json")
@@ -325,14 +365,26 @@ def main(argv: list[str] | None = None) -> int:
         print("no CUDA device: nothing checked")
         return 0
     started = time.perf_counter()
+    report = Report(args.output, device=torch.cuda.get_device_name(), torch=torch.__version__)
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
+        run_checks(report, Path(folder))
+    report.verdict("whole check under 5 minutes", time.perf_counter() - started < 300,
+                   seconds=time.perf_counter() - started)
+    print(f"wrote {args.output}")
+    return 1 if any(c["verdict"] == "FAIL" for c in report.checks) else 0
+
+
+def run_checks(report: Report, folder: Path) -> None:
+    """Every check on the CUDA device, the models written under `folder`."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    report, tiny = Report(), resolve_model(DEFAULT_MODEL)
-    models = write_models(Path(tempfile.mkdtemp(prefix="gpu-check-")), tiny)
+    tiny = resolve_model(DEFAULT_MODEL)
+    models = write_models(folder, tiny)
     reference = [o.outputs[0].token_ids for o in LLM(str(tiny), device="cpu", dtype="float32").generate(
         PROMPTS, GREEDY)]
     references = {"transformers cpu fp32": hf_model(models["llama3"], cpu, torch.float32),
                   "transformers cuda bf16": hf_model(models["llama3"], cuda, torch.bfloat16)}
-    backends = ["sdpa"] + (["flash_attn"] if importlib.util.find_spec("flash_attn") else [])
+    flash, why_not_flash = load_flash_attn()
+    backends = ["sdpa"] + (["flash_attn"] if flash is not None else [])
     for backend in backends:
         block_size = 256 if backend == "flash_attn" else 16
         before = torch.cuda.mem_get_info()[0]
@@ -346,9 +398,11 @@ def main(argv: list[str] | None = None) -> int:
             report.verdict(f"top-1 vs CPU fp32 {backend}", first == 1.0, first_token=first, all_tokens=same)
             del llm
         with report.guard(f"llama3 RoPE load bf16 {backend}"):
+            before = torch.cuda.mem_get_info()[0]
             llm = LLM(str(models["llama3"]), device="cuda", dtype="bfloat16", attention_backend=backend,
                       block_size=block_size, max_num_batched_tokens=256, max_num_seqs=8)
-            report.verdict(f"llama3 RoPE load bf16 {backend}", True)
+            report.verdict(f"llama3 RoPE load bf16 {backend}", True, free_bytes_before=before,
+                           free_bytes_after=torch.cuda.mem_get_info()[0])
             mixed_parity(report, f"llama3 bf16 {backend} block {block_size}", llm, references)
             del llm
     if "flash_attn" in backends:
@@ -358,13 +412,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             report.verdict("flash-attn fp32 refused", True, error=str(exc))
     else:
-        report.verdict("flash-attn fp32 refused", None, reason="flash_attn does not import")
+        report.verdict("flash-attn fp32 refused", None, reason=why_not_flash)
     with report.guard("seeded sampling CPU == CUDA (fp32)"):
         seeded = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True, seed=1234)
         on_cpu = [o.outputs[0].token_ids for o in LLM(str(tiny), device="cpu").generate(PROMPTS, seeded)]
         on_cuda = [o.outputs[0].token_ids for o in LLM(str(tiny), device="cuda", dtype="float32").generate(
             PROMPTS, seeded)]
         report.verdict("seeded sampling CPU == CUDA (fp32)", on_cpu == on_cuda)
+    gc.collect()   # the engines above, before the memory checks read free memory
+    torch.cuda.empty_cache()
     with report.guard("memory"):
         memory_checks(report, models["llama3"], cuda)
     with report.guard("host syncs of one decode step"):
@@ -373,34 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     with report.guard("throughput vs transformers"):
         report.verdict("throughput vs transformers (static batch)", None, **throughput_vs_transformers(
             models["llama3"], cuda, torch.bfloat16, 32, (16, 256), (16, 128)))
-    with report.guard("decode eager vs compiled vs graphs"):
-        mbu_llm = LLM(str(models["mbu"]), device="cuda", dtype="bfloat16")
-        eager = decode_ms(mbu_llm, cuda)
-        del mbu_llm
-        speeds = {"eager_ms": eager,
-                  "compiled_ms": decode_ms(LLM(str(tiny), device="cuda", dtype="bfloat16", compile=True), cuda),
-                  "tiny_eager_ms": decode_ms(LLM(str(tiny), device="cuda", dtype="bfloat16"), cuda)}
-        option = graph_option()
-        if option is None:
-            report.verdict("decode eager vs CUDA graphs", None, reason="skipped: no graph option")
-        else:
-            graphed = decode_ms(LLM(str(models["mbu"]), device="cuda", dtype="bfloat16", **option[1]), cuda)
-            speeds["graph_ms"] = graphed
-            report.verdict("decode eager vs CUDA graphs", None, eager_tok_s=1e3 / eager, graph_tok_s=1e3 / graphed,
-                           option=option[1])
-        report.verdict("batch-1 decode times (mbu model eager, tiny eager vs compiled)", None, **speeds)
-        bandwidth = copy_bandwidth(cuda)
-        per_token = decode_bytes_per_token(ModelShape.load(models["mbu"]), len(PROMPTS[0]) + 32, dtype="bfloat16")
-        report.verdict("batch-1 decode MBU", None, clone_bytes_per_s=bandwidth, bytes_per_token=per_token,
-                       mbu_eager=utilization(per_token / (eager / 1e3), bandwidth),
-                       **({"mbu_graphs": utilization(per_token / (speeds["graph_ms"] / 1e3), bandwidth)}
-                          if "graph_ms" in speeds else {}), goal=0.65)
-    seconds = time.perf_counter() - started
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                       "seconds": seconds, "checks": report.checks}, indent=2, default=str))
-    print(f"wrote {args.output} ({seconds:.0f} s)")
-    return 1 if any(c["verdict"] == "FAIL" for c in report.checks) else 0
+    with report.guard("batch-1 decode speed"):
+        decode_speed_checks(report, models["mbu"], tiny, flash is not None, cuda)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -35,13 +36,13 @@ def llama3_dir(tmp_path_factory, tiny_chat_dir) -> Path:
     return gpu_check.write_models(tmp_path_factory.mktemp("gpu-check"), tiny_chat_dir, mbu=False)["llama3"]
 
 
-def test_mixed_step_parity_on_cpu(llama3_dir, llama_dir, capsys):
+def test_mixed_step_parity_on_cpu(llama3_dir, llama_dir, capsys, tmp_path):
     """The check's mixed steps really mix (a chunked prompt, a prefix hit, decodes beside chunks) and agree
     with transformers in float32; against another model the same check fails."""
     assert "rope_scaling" in (llama3_dir / "config.json").read_text()
     llm = LLM(str(llama3_dir), device="cpu", dtype="float32", attention_backend="sdpa", max_num_batched_tokens=64,
               max_num_seqs=8, max_model_len=1024)
-    report = gpu_check.Report()
+    report = gpu_check.Report(tmp_path / "check.json", device="cpu")
     reference = gpu_check.hf_model(llama3_dir, CPU, torch.float32)
     run = gpu_check.mixed_parity(report, "cpu", llm, {"transformers cpu fp32": reference})
     [check] = report.checks
@@ -51,6 +52,7 @@ def test_mixed_step_parity_on_cpu(llama3_dir, llama_dir, capsys):
     assert [len(t) for t in run.tokens] == [8, 12, 12, 12, 8, 12, 12]
     assert gpu_check.top1_agreement(gpu_check.hf_model(llama_dir, CPU, torch.float32), run.prompts, run.tokens) < 0.5
     assert "PASS mixed-step parity cpu" in capsys.readouterr().out
+    assert json.loads((tmp_path / "check.json").read_text()) == {"device": "cpu", "checks": report.checks}
 
 
 def test_full_decode_and_host_syncs_on_cpu(llama3_dir):
@@ -71,7 +73,7 @@ def test_throughput_vs_transformers_on_cpu(llama3_dir):
 def test_graph_option_follows_engine_config():
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     option = gpu_check.graph_option()
-    assert (option is None) == (not names & {"cuda_graphs", "enforce_eager"})
+    assert (option is None) == ("cuda_graphs" not in names)
     if option is not None:
         for settings in option:
             EngineConfig(**settings)                                 # both settings are valid configs
