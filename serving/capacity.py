@@ -86,14 +86,25 @@ class Hardware:
                 raise ValueError(f"invalid {name}={getattr(self, name)!r}: expected a number > 0")
 
 
+def gpu_block_size(dtype: str, kv_cache_dtype: str) -> int:
+    """The block size the engine's auto picks on CUDA GPUs with flash-attn installed: the plan assumes them."""
+    import torch
+
+    from serving.layers.attention import auto_block_size
+
+    return auto_block_size("auto", torch.device("cuda"), getattr(torch, dtype), kv_cache_dtype,
+                           check_import=False)[0]
+
+
 @dataclass(frozen=True)
 class Deployment:
-    # The engine's defaults (EngineConfig), but the dtype: the plan is for GPUs, where auto is bfloat16.
+    # The engine's defaults (EngineConfig), but the dtype: the plan is for GPUs, where auto is bfloat16; and
+    # block_size None is what auto picks there with flash-attn (gpu_block_size).
     tensor_parallel_size: int = EngineConfig.tensor_parallel_size
     dtype: str = "bfloat16"
     kv_cache_dtype: str = EngineConfig.kv_cache_dtype
     quantization: str | None = EngineConfig.quantization
-    block_size: int = EngineConfig.block_size
+    block_size: int | None = EngineConfig.block_size
     kv_cache_memory_fraction: float = EngineConfig.kv_cache_memory_fraction
     max_num_seqs: int = EngineConfig.max_num_seqs
     max_model_len: int | None = EngineConfig.max_model_len
@@ -109,6 +120,8 @@ class Deployment:
         need(self.quantization in QUANTIZATIONS, "quantization", "None or int8")
         need(0 < self.kv_cache_memory_fraction < 1, "kv_cache_memory_fraction", "a fraction in (0, 1)")
         need(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1")
+        if self.block_size is None:
+            object.__setattr__(self, "block_size", gpu_block_size(self.dtype, self.kv_cache_dtype))
 
 
 @dataclass(frozen=True)

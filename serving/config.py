@@ -49,7 +49,11 @@ class EngineConfig:
     max_num_seqs: int = setting(256, "sequences one replica runs at once (the batch)")
     max_num_batched_tokens: int | None = setting(None, "tokens per engine step (default: max(2048, "
                                                  "max_num_seqs))")
-    block_size: int = setting(16, "tokens per KV-cache block", choices=(8, 16, 32, 64, 128, 256))
+    # None is resolved once where the device is known (serving/engine/block_size.py), before blocks are sized.
+    block_size: int | None = setting(None, "tokens per KV-cache block (default: none, auto: 256 where the "
+                                     "attention backend resolves to flash_attn (CUDA, float16/bfloat16, flash-attn "
+                                     "installed, kv_cache_dtype auto), else 16)",
+                                     choices=(None, 8, 16, 32, 64, 128, 256))
     num_kv_blocks: int | None = setting(None, "KV-cache blocks per replica (default: kv_cache_memory_fraction of "
                                         "free memory, at most what max_num_seqs full-length sequences use)")
     kv_cache_memory_fraction: float = setting(0.3, "share of free memory the default KV pool may take")
@@ -82,7 +86,7 @@ class EngineConfig:
         need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "an integer >= 1")
         need(self.max_model_len is None or self.max_model_len >= 1, "max_model_len", "None or >= 1")
         need(self.max_num_seqs >= 1, "max_num_seqs", "an integer >= 1")
-        need(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= self.block_size,
+        need(self.max_num_batched_tokens is None or self.max_num_batched_tokens >= (self.block_size or 1),
              "max_num_batched_tokens", "None or at least block_size")
         need(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "num_kv_blocks", "None or >= 1")
         need(0.0 < self.kv_cache_memory_fraction < 1.0, "kv_cache_memory_fraction", "a fraction in (0, 1)")

@@ -21,7 +21,8 @@ class LLM:
                  max_model_len: int | None = EngineConfig.max_model_len,
                  max_num_seqs: int = EngineConfig.max_num_seqs,
                  max_num_batched_tokens: int | None = EngineConfig.max_num_batched_tokens,
-                 block_size: int = EngineConfig.block_size, num_kv_blocks: int | None = EngineConfig.num_kv_blocks,
+                 block_size: int | None = EngineConfig.block_size,
+                 num_kv_blocks: int | None = EngineConfig.num_kv_blocks,
                  enable_prefix_caching: bool = EngineConfig.enable_prefix_caching, seed: int = EngineConfig.seed,
                  kv_cache_dtype: str = EngineConfig.kv_cache_dtype,
                  quantization: str | None = EngineConfig.quantization, **kwargs) -> None:

@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="memory bandwidth per GPU in GB/s, an A100 80GB SXM's by default")
     p.add_argument("--gpu-tflops", type=float, default=Hardware.tflops,
                    help="dense bf16/fp16 TFLOP/s per GPU, an A100's by default")
-    p.add_argument("--block-size", type=int, default=Deployment.block_size, help=_engine_help("block_size"))
+    p.add_argument("--block-size", type=int, default=Deployment.block_size,
+                   help="tokens per KV-cache block (default: what the engine's auto picks on GPUs with flash-attn "
+                        "installed: 256, or 16 in float32 or with an int8 KV cache)")
     p.add_argument("--kv-cache-memory-fraction", type=float, default=Deployment.kv_cache_memory_fraction,
                    help="share of the memory left after the weights that the KV pool may take (the engine's "
                         "default)")
@@ -91,7 +93,8 @@ def plan_main(argv: list[str]) -> int:
         ("weights per GPU", f"{r.weight_bytes_per_gpu / _GB:.2f} GB"),
         ("KV cache per token (per GPU)", f"{r.kv_bytes_per_token:,} bytes ({d.kv_cache_dtype})"),
         ("memory left per GPU after weights", f"{r.free_bytes_per_gpu / _GB:.2f} GB"),
-        (f"KV pool ({d.kv_cache_memory_fraction:.0%} of that)", f"{r.kv_blocks:,} blocks = {r.kv_tokens:,} tokens"),
+        (f"KV pool ({d.kv_cache_memory_fraction:.0%} of that)",
+         f"{r.kv_blocks:,} blocks of {d.block_size} = {r.kv_tokens:,} tokens"),
         (f"sequences at full context ({r.max_model_len})", f"{r.seqs_at_full_context:,}"),
         ("batch-1 decode, bandwidth bound", f"{r.decode_tok_s_batch1:,.1f} tok/s"),
         ("large-batch decode, compute bound", f"{r.decode_tok_s_compute_bound:,.0f} tok/s"),

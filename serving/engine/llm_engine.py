@@ -15,6 +15,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from serving.config import EngineConfig
 from serving.engine.block_manager import BlockManager
+from serving.engine.block_size import resolve_block_size
 from serving.engine.detokenizer import IncrementalDetokenizer, backend_tokenizer
 from serving.engine.errors import EngineDeadError, RequestFailedError, RequestTooLargeError
 from serving.engine.executor import make_executor
@@ -49,6 +50,8 @@ class EngineStats:
     kv_cache_dtype: str             # auto (the model dtype) or int8
     kv_bytes_per_token: int         # one cached token's keys and values, all layers, per tensor-parallel rank
     kv_capacity_tokens: int         # tokens the whole pool holds
+    block_size: int                 # tokens per KV-cache block
+    block_size_source: str          # why that size: as configured, or what auto resolved it from
     # Pure decode steps within the batch buckets: "cuda_graphs" (replayed), "compiled" or "eager".
     decode_path: str = "eager"
     decode_buckets: int = 0         # buckets captured (cuda_graphs) or compiled at start
@@ -57,6 +60,9 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        # Before anything below (executor, followers, KV pool, block manager) counts in blocks.
+        config, self.block_size_source = resolve_block_size(config)
+        logger.info("KV-cache blocks of %d tokens (%s)", config.block_size, self.block_size_source)
         self.config = config
         path = resolve_model(config.model)
         self.model_path: Path = path
@@ -393,7 +399,8 @@ class LLMEngine:
             prefix_cache_queries=bm.prefix_cache_queries, prefix_cache_hits=bm.prefix_cache_hits,
             num_steps=self.num_steps, kv_cache_dtype=self.config.kv_cache_dtype,
             kv_bytes_per_token=self.executor.runner.kv_pool.bytes_per_token,
-            kv_capacity_tokens=self.executor.runner.kv_pool.capacity_tokens, **self._decode_stats(),
+            kv_capacity_tokens=self.executor.runner.kv_pool.capacity_tokens, block_size=self.config.block_size,
+            block_size_source=self.block_size_source, **self._decode_stats(),
         )
 
     def _decode_stats(self) -> dict[str, str | int]:

@@ -124,6 +124,8 @@ class ModelRunner:
             raise ValueError(
                 f"tensor_parallel_size={config.tensor_parallel_size} but this process is in a "
                 f"tensor-parallel group of {get_tp_world_size()}: a process drives one group at a time")
+        if config.block_size is None:
+            raise ValueError("block_size=None reached the runner: the engine resolves it first (resolve_block_size)")
         self.config = config
         self.block_size = config.block_size
         # Slots in the sampler's device-side penalty counts (a tensor-parallel follower never prepares: its

@@ -24,11 +24,14 @@ from serving.utils.context import get_context
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "sdpa", "flash_attn", "cpu_kernel")
+# block_size=None (auto) where flash-attn does not run: small blocks waste little of a sequence's last block.
+SMALL_BLOCK = 16
 
 
-def _flash_attn_unusable(device: torch.device, dtype: torch.dtype, block_size: int,
-                         kv_cache_dtype: str) -> str | None:
-    """Why flash-attn cannot run this configuration here; None when it can (its extension imports)."""
+def _flash_attn_unusable(device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_dtype: str,
+                         check_import: bool = True) -> str | None:
+    """Why flash-attn cannot run this configuration here; None when it can (its extension imports, unless
+    check_import is False: a plan for GPUs that have it)."""
     if device.type != "cuda":
         return f"it needs a CUDA device (got {device.type})"
     if dtype not in FLASH_DTYPES:
@@ -38,8 +41,32 @@ def _flash_attn_unusable(device: torch.device, dtype: torch.dtype, block_size: i
     if kv_cache_dtype != "auto":
         # flash-attn's paged kernel reads the cache in the query dtype and has no per-token scales.
         return f"it does not support kv_cache_dtype={kv_cache_dtype!r} (use 'sdpa' with an int8 KV cache)"
+    if not check_import:
+        return None
     varlen, why = load_flash_attn()
     return why if varlen is None else None
+
+
+def _choose_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int, kv_cache_dtype: str,
+                    check_import: bool = True) -> tuple[str, str]:
+    """select_backend's choice, and why it is not flash-attn ("" when it is, or when it was not considered)."""
+    if name not in BACKENDS:
+        raise ValueError(f"invalid attention_backend={name!r}: expected one of {', '.join(BACKENDS)}")
+    kernel_fits = device.type == "cpu" and dtype == torch.float32
+    if name == "cpu_kernel" or (name == "auto" and kernel_fits):
+        if kernel_fits and paged_decode_attention() is not None:
+            return "cpu_kernel", ""
+        if name == "cpu_kernel":
+            raise ValueError("attention_backend='cpu_kernel' needs a float32 CPU model and a C compiler with "
+                             "OpenMP (see the log for the build error)")
+    if name == "sdpa":
+        return "sdpa", ""
+    why = _flash_attn_unusable(device, dtype, block_size, kv_cache_dtype, check_import)
+    if why is None:
+        return "flash_attn", ""
+    if name == "flash_attn":
+        raise ValueError(f"attention_backend='flash_attn' cannot run here: {why}")
+    return "sdpa", why
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_size: int,
@@ -48,25 +75,21 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype, block_si
     the block size suits its paged kernel and the KV cache is in the model dtype; on CPU in float32 the
     native decode kernel when it builds here (float or int8 KV); else SDPA (which dequantizes an int8 cache
     block by block). A backend asked for by name that cannot run is an error saying why."""
-    if name not in BACKENDS:
-        raise ValueError(f"invalid attention_backend={name!r}: expected one of {', '.join(BACKENDS)}")
-    kernel_fits = device.type == "cpu" and dtype == torch.float32
-    if name == "cpu_kernel" or (name == "auto" and kernel_fits):
-        if kernel_fits and paged_decode_attention() is not None:
-            return "cpu_kernel"
-        if name == "cpu_kernel":
-            raise ValueError("attention_backend='cpu_kernel' needs a float32 CPU model and a C compiler with "
-                             "OpenMP (see the log for the build error)")
-    if name == "sdpa":
-        return "sdpa"
-    why = _flash_attn_unusable(device, dtype, block_size, kv_cache_dtype)
-    if why is None:
-        return "flash_attn"
-    if name == "flash_attn":
-        raise ValueError(f"attention_backend='flash_attn' cannot run here: {why}")
-    if device.type == "cuda":
+    backend, why = _choose_backend(name, device, dtype, block_size, kv_cache_dtype)
+    if why and device.type == "cuda":
         logger.info("not using flash-attn (%s); using SDPA", why)
-    return "sdpa"
+    return backend
+
+
+def auto_block_size(name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto",
+                    check_import: bool = True) -> tuple[int, str]:
+    """block_size=None's value, and why: flash-attn's page (FLASH_PAGE) where select_backend picks flash-attn
+    given blocks of that size, else SMALL_BLOCK. A backend asked for by name that cannot run is
+    select_backend's error; flash_attn by name that can takes its page."""
+    backend, why = _choose_backend(name, device, dtype, FLASH_PAGE, kv_cache_dtype, check_import)
+    if backend == "flash_attn":
+        return FLASH_PAGE, f"flash_attn's paged kernel takes blocks of {FLASH_PAGE} tokens"
+    return SMALL_BLOCK, f"{backend} attention" + (f" (not flash-attn: {why})" if why else "")
 
 
 def make_backend(name: str, layout: KVLayout) -> AttentionBackend:

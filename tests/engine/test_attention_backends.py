@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from serving.config import EngineConfig
+from serving.engine.block_size import resolve_block_size
 from serving.layers import attention
-from serving.layers.attention import select_backend
+from serving.layers.attention import auto_block_size, select_backend
 from serving.layers.flash_backend import load_flash_attn
 from serving.layers.sdpa_backend import CPU_POLICY, CUDA_POLICY, decode_tiles
 from serving.models.loader import load_model
@@ -41,6 +43,41 @@ def test_flash_attn_is_chosen_only_where_it_runs(flash_imports):
         select_backend("flash_attn", torch.device("cpu"), torch.bfloat16, 256)
     with pytest.raises(ValueError, match="invalid attention_backend='flash'"):
         select_backend("flash", CUDA, torch.bfloat16, 256)
+
+
+def test_auto_block_size_is_flash_attns_page_only_where_flash_attn_runs(flash_imports):
+    def resolved(**config) -> tuple[int, str]:
+        engine, source = resolve_block_size(EngineConfig(**config))
+        return engine.block_size, source
+
+    assert resolved(device="cuda") == (256, "auto: flash_attn's paged kernel takes blocks of 256 tokens")
+    assert resolved(device="cuda", dtype="float16", attention_backend="flash_attn")[0] == 256
+    block, why = resolved(device="cuda", kv_cache_dtype="int8")
+    assert block == 16 and "kv_cache_dtype='int8'" in why
+    block, why = resolved(device="cuda", dtype="float32")
+    assert block == 16 and "float16 or bfloat16 only" in why
+    assert resolved(device="cpu", dtype="bfloat16")[0] == 16
+    assert resolved(device="cuda", attention_backend="sdpa") == (16, "auto: sdpa attention")
+    # A step budget under a flash page keeps small blocks; flash_attn by name keeps its page (and the check).
+    assert resolved(device="cuda", max_num_batched_tokens=128) == (16, "auto: max_num_batched_tokens=128 is under 256")
+    with pytest.raises(ValueError, match="max_num_batched_tokens=128"):
+        resolved(device="cuda", attention_backend="flash_attn", max_num_batched_tokens=128)
+    # Explicit values stay as given, and flash_attn by name with 16-token blocks is still its error.
+    assert resolved(device="cuda", block_size=16) == (16, "block_size as configured")
+    assert resolved(device="cpu", block_size=256) == (256, "block_size as configured")
+    with pytest.raises(ValueError, match="block_size % 256 == 0 .got 16"):
+        select_backend("flash_attn", CUDA, torch.bfloat16, resolved(device="cuda", block_size=16)[0])
+
+
+def test_auto_block_size_without_flash_attn_and_on_cpu(monkeypatch):
+    """Without flash-attn: 16 on CUDA too, and on CPU."""
+    monkeypatch.setattr(attention, "load_flash_attn", lambda: (None, "flash-attn does not import (mocked)"))
+    block, why = auto_block_size("auto", CUDA, torch.bfloat16)
+    assert block == 16 and "flash-attn does not import" in why
+    engine, source = resolve_block_size(EngineConfig(device="cpu"))
+    assert engine.block_size == 16 and source.startswith("auto: ")
+    with pytest.raises(ValueError, match="cannot run here: flash-attn does not import"):
+        resolve_block_size(EngineConfig(device="cuda", attention_backend="flash_attn"))
 
 
 def test_flash_attn_whose_extension_does_not_load_is_refused_at_start(monkeypatch):

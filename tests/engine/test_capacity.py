@@ -14,6 +14,7 @@ from serving.capacity import (Deployment, Hardware, Load, ModelShape, kv_bytes_p
 from serving.cli import main
 from serving.config import EngineConfig
 from serving.engine import model_runner
+from serving.engine.block_size import resolve_block_size
 from serving.engine.model_runner import ModelRunner
 from tests.fixtures.checkpoints import write_llama_checkpoint
 
@@ -35,7 +36,7 @@ def model_100m(tmp_path_factory, tiny_chat_dir) -> Path:
 def _runner(path: Path, monkeypatch, **config) -> ModelRunner:
     pages = {"SC_AVPHYS_PAGES": FREE_BYTES // 4096, "SC_PAGE_SIZE": 4096}
     monkeypatch.setattr(model_runner, "os", SimpleNamespace(sysconf=pages.__getitem__))
-    engine = EngineConfig(model=str(path), device="cpu", **config)
+    engine, _ = resolve_block_size(EngineConfig(model=str(path), device="cpu", **config))
     return ModelRunner(engine, path, engine.max_model_len or ModelShape.load(path).max_position_embeddings)
 
 
@@ -69,6 +70,13 @@ def test_bfloat16_weights_and_kv(tiny_chat_dir, monkeypatch):
     assert kv_bytes_per_token(shape, d) * 8 * 16 == runner.kv_pool.nbytes
 
 
+def test_block_size_default_is_the_engines_auto_on_gpus_with_flash_attn():
+    # Without checking flash-attn's import: the plan is for GPUs that have it, not for this machine.
+    assert Deployment().block_size == Deployment(dtype="float16").block_size == 256
+    assert Deployment(dtype="float32").block_size == Deployment(kv_cache_dtype="int8").block_size == 16
+    assert Deployment(block_size=64).block_size == 64
+
+
 def test_llama2_70b_on_8x80gb():
     shape = ModelShape.from_config(LLAMA2_70B)
     hw, load = Hardware(), Load(requests_per_s=20, prompt_tokens=512, output_tokens=256)
@@ -95,6 +103,10 @@ def test_plan_command(tmp_path, capsys):
     assert main(["plan", "--model", str(tmp_path), "--tensor-parallel-size", "8", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["plan"]["kv_bytes_per_token"] == 40960 and printed["deployment"]["dtype"] == "bfloat16"
+    # The engine's auto block size on GPUs with flash-attn: its 256-token pages in bf16 with a bf16 KV cache.
+    assert printed["deployment"]["block_size"] == 256
+    assert main(["plan", "--model", str(tmp_path), "--kv-cache-dtype", "int8", "--block-size", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deployment"]["block_size"] == 32
     assert main(["plan", "--model", str(tmp_path / "config.json"), "--tensor-parallel-size", "8"]) == 0
     assert "batch-1 decode, bandwidth bound" in capsys.readouterr().out
     assert main(["plan", "--model", str(tmp_path), "--tensor-parallel-size", "3"]) == 2

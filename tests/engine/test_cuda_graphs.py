@@ -145,4 +145,8 @@ def test_a_backend_that_is_not_graph_safe_keeps_decode_eager(tiny_chat_dir, monk
     llm = LLM(str(tiny_chat_dir), device="cpu", attention_backend="sdpa", max_num_seqs=2, num_kv_blocks=16)
     assert llm.engine.executor.runner.decode is None
     llm.generate("Hello there", SamplingParams(temperature=0.0, max_tokens=3))
-    assert llm.engine.stats().decode_path == "eager"
+    stats = llm.engine.stats()
+    assert stats.decode_path == "eager"
+    # The default block size, resolved where the engine runs, is what the block manager counts in.
+    assert (stats.block_size, stats.block_size_source) == (16, "auto: sdpa attention")
+    assert llm.engine.block_manager.block_size == 16
