@@ -56,7 +56,8 @@ class EngineConfig:
                                      choices=(None, 8, 16, 32, 64, 128, 256))
     num_kv_blocks: int | None = setting(None, "KV-cache blocks per replica (default: kv_cache_memory_fraction of "
                                         "free memory, at most what max_num_seqs full-length sequences use)")
-    kv_cache_memory_fraction: float = setting(0.3, "share of free memory the default KV pool may take")
+    kv_cache_memory_fraction: float = setting(0.3, "share of free memory the default KV pool may take (on "
+                                              "CUDA: of what a profiled worst-case step leaves)")
     enable_prefix_caching: bool = setting(True, "reuse the KV blocks of a shared prompt prefix")
     seed: int = setting(0, "random seed of sampling without a per-request seed")
     attention_backend: str = setting("auto", "auto picks flash_attn on CUDA when installed, else sdpa; "
