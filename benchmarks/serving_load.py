@@ -307,6 +307,8 @@ def main() -> int:
                         help="the engine on core 0 and everything else on core 1, in both runs (see above)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serving_load.json")
     args = parser.parse_args()
+    if args.pin and not {0, 1} <= os.sched_getaffinity(0):
+        parser.error("--pin needs cores 0 (the engine) and 1 (the rest)")
 
     from serving.app_config import AppConfig
     from serving.deployment import build_app
