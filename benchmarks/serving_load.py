@@ -17,12 +17,14 @@ settings, torch threads included (`--engine-threads` to change that).
     python benchmarks/serving_load.py --hops    # also on the LLM replica's handle: the cost of each hop
     python benchmarks/serving_load.py --pin     # the engine on core 0, everything else on core 1
 
-`--pin` gives the engine a core of its own, as on a GPU node where the HTTP path does not compete with it:
-in process, the engine's step thread runs on core 0 and this process's other threads (clients, event loop)
-on core 1; for the server, the LLM replica's process (its step thread and its event loop, which serves the
-transport) runs on core 0 and every other process of this Ray session (proxy, ingress, controller, raylet,
-GCS) and this process on core 1. The server's replica loop shares the engine's core, the in-process loop
-does not: if anything, that favours the in-process side.
+`--pin` gives the engine a core of its own, as on a GPU node where the HTTP path does not compete with it,
+with the same thread layout on both sides: the engine's step thread and the event loop that feeds it share
+core 0. For the server that is the LLM replica's process (its loop also serves the transport), while every
+other process of this Ray session (proxy, ingress, controller, raylet, GCS) and the clients in this process
+run on core 1; in process, this whole process (engine, its loop and the clients, whose per-token work is
+small) moves to core 0 while the in-process level runs and back to core 1 for the server's. (With the step
+thread alone on core 0 and its loop on core 1, the in-process engine ran slower than unpinned: every step
+hands the GIL across cores.)
 
 Writes benchmarks/results/serving_load.json and serving_load.png (throughput and latency charts).
 """
@@ -187,10 +189,6 @@ async def measure(engine_config: EngineConfig, base_url: str, model: str, levels
     from serving.sampling_params import SamplingParams
 
     engine = AsyncLLMEngine(engine_config)
-    if pin:
-        # The in-process side of --pin: the engine's step thread alone on core 0 (the executor's one thread,
-        # started here, keeps the affinity it sets for itself).
-        await asyncio.get_running_loop().run_in_executor(engine._executor, os.sched_setaffinity, 0, {0})
     request_ids = iter(range(10**9))
 
     async def in_process(prompt: list[int], max_tokens: int) -> Sample:
@@ -238,6 +236,8 @@ async def measure(engine_config: EngineConfig, base_url: str, model: str, levels
         results: dict[str, list[Level]] = {name: [] for name in paths}
         for concurrency, requests in levels:
             for name, one in paths.items():
+                if pin:
+                    _pin_process(os.getpid(), {0} if name == "in_process" else {1})
                 results[name].append(await _run_level(concurrency, requests, one))
         return results
     finally:
