@@ -19,7 +19,8 @@ import pytest
 from serving.api.auth import add_key
 from tests.serving.helpers import scrape
 
-MAX_TOKENS = 160
+# Long enough (seconds, even on a fast machine) that both requests are still in flight when the test looks.
+MAX_TOKENS = 640
 
 
 def _free_port() -> int:
