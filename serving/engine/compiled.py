@@ -21,10 +21,14 @@ from serving.layers.attention_types import KVLayout
 from serving.utils.cache import cache_dir
 
 
-def compile_model(model: nn.Module) -> nn.Module:
-    """The model through torch.compile at static shapes, its attention layers left eager."""
+def compile_model(model: nn.Module, variants: int) -> nn.Module:
+    """The model through torch.compile at static shapes, its attention layers left eager; `variants`: how
+    many shapes (batch buckets) it is compiled for."""
     # Before the first compile: inductor reads its cache folder from the environment.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    # Each bucket recompiles every graph-broken piece once; past dynamo's per-code limit (8 by default, fewer
+    # than the 9 buckets of max_num_seqs=256) it would silently run the remaining buckets eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
     for layer in attention_layers(model):
         layer.forward = torch.compiler.disable(layer.forward)
     return torch.compile(model, dynamic=False)
@@ -38,6 +42,7 @@ class CompiledDecode(BucketedDecode):
     def __init__(self, forward: StepForward, layout: KVLayout, max_num_seqs: int, scratch_block: int):
         super().__init__(forward, layout, max_num_seqs, scratch_block)
         self._compiles_at_warmup = 0
+        self.frames_per_bucket: dict[int, int] = {}     # frames dynamo compiled for each bucket at start
 
     @property
     def compile_seconds(self) -> dict[int, float]:
@@ -48,7 +53,9 @@ class CompiledDecode(BucketedDecode):
         self._compiles_at_warmup = self.compiled_frames()
 
     def _prepare(self, step: PaddedDecode) -> None:
+        before = self.compiled_frames()
         self.forward(step.input_ids, step.positions, padded_context(step, [1] * step.bucket))
+        self.frames_per_bucket[step.bucket] = self.compiled_frames() - before
 
     def _run(self, step: PaddedDecode, host_seq_lens_k: list[int]) -> torch.Tensor:
         return self.forward(step.input_ids, step.positions, padded_context(step, host_seq_lens_k))

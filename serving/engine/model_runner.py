@@ -25,7 +25,7 @@ from torch import nn
 from serving.capacity import KVPoolSize, default_kv_pool
 from serving.config import EngineConfig
 from serving.engine import cuda_graphs, kv_cache, kv_profile
-from serving.engine.buckets import BucketedDecode
+from serving.engine.buckets import BucketedDecode, batch_buckets
 from serving.engine.compiled import CompiledDecode, compile_model
 from serving.engine.cuda_graphs import GraphDecode
 from serving.engine.guided import fill_bitmask
@@ -37,8 +37,8 @@ from serving.layers.attention_types import AttentionBackend
 from serving.layers.sampler import Logprobs, Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 from serving.models.loader import load_model, resolve_dtype
 from serving.parallel.state import get_tp_world_size
-from serving.utils.device import resolve_device
 from serving.utils.context import AttentionContext, reset_context, set_context
+from serving.utils.device import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ class ModelRunner:
         # Pure decode steps within the batch buckets (None: every step eager): captured graphs, else compiled.
         self.decode: BucketedDecode | None = None
         if config.compile or graphs:
-            model = compile_model(self.model) if config.compile else self.model
+            model = (compile_model(self.model, len(batch_buckets(config.max_num_seqs))) if config.compile
+                     else self.model)
             step_forward = lambda ids, pos, ctx: forward(model, self.backend, ids, pos, ctx)
             sizes = (step_forward, layout, config.max_num_seqs, self.num_kv_blocks)
             self.decode = GraphDecode(*sizes, cuda_graphs.API) if graphs else CompiledDecode(*sizes)

@@ -2,10 +2,15 @@
 compiled at start and none after."""
 from __future__ import annotations
 
+import torch
+
 from serving import LLM, SamplingParams
 
 
-def test_compiled_decode_matches_eager_without_recompiles(tiny_chat_dir):
+def test_compiled_decode_matches_eager_without_recompiles(tiny_chat_dir, monkeypatch):
+    # Dynamo's per-code recompile limit below the bucket count (as its default 8 is below max_num_seqs=256's
+    # 9 buckets): every bucket must still compile, not fall back to eager.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     prompts = ["The quick brown fox", "Once upon a time there", "A short one"]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     # max_num_seqs=2: buckets 1 and 2; three prompts decode at batch 2, then the last one alone at batch 1.
@@ -14,6 +19,7 @@ def test_compiled_decode_matches_eager_without_recompiles(tiny_chat_dir):
     llm = LLM(str(tiny_chat_dir), compile=True, **common)
     compiled = llm.engine.executor.runner.decode
     assert sorted(compiled.compile_seconds) == [1, 2]
+    assert all(frames > 0 for frames in compiled.frames_per_bucket.values()), compiled.frames_per_bucket
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
     assert compiled.steps >= 11                  # the decode steps ran compiled
     assert compiled.recompiles_since_warmup == 0
