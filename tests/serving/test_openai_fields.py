@@ -68,7 +68,9 @@ def test_completion_logprobs_streamed_and_not_equal_transformers(oai, serving_st
     chunks = list(oai.completions.create(**kwargs, stream=True))
     streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
     assert flat(s.tokens for s in streamed) == lp.tokens
-    assert flat(s.token_logprobs for s in streamed) == lp.token_logprobs
+    # Equal up to float rounding, not bit for bit: the second request hits the prefix cache, so its prefill
+    # has fewer rows and the linear layers take another matmul routine (serving/layers/linear.py).
+    assert flat(s.token_logprobs for s in streamed) == pytest.approx(lp.token_logprobs, abs=1e-5)
     assert flat(s.text_offset for s in streamed) == lp.text_offset
     assert "".join(c.choices[0].text for c in chunks if c.choices) == full.text
 
