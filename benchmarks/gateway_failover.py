@@ -34,8 +34,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fixtures.edge import Edge  # noqa: E402
-from tests.fixtures.gateway import free_port, mosaic_endpoint, provider_metrics, start_gateway  # noqa: E402
+from tests.fixtures.edge import Edge
+from tests.fixtures.gateway import free_port, mosaic_endpoint, provider_metrics, start_gateway
 
 MODEL = "tiny-llama-2-chat"
 REGION = dict(num_replicas=1, llm_num_cpus=0.5, max_num_seqs=8, max_waiting_requests=16, num_kv_blocks=512,

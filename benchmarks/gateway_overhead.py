@@ -32,7 +32,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.fixtures.gateway import free_port, start_gateway  # noqa: E402
+from tests.fixtures.gateway import free_port, start_gateway
 
 GOAL_MS = 1.5
 ENDPOINT = "llama2-completions"

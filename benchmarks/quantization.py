@@ -44,7 +44,7 @@ from serving.models.loader import weight_bytes
 from serving.models.tiny import resolve_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import MODEL_100M, build_100m, decode_ms_per_token, run_engine, workload  # noqa: E402
+from throughput import MODEL_100M, build_100m, decode_ms_per_token, run_engine, workload
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONFIGS = {"float": {}, "int8 KV": {"kv_cache_dtype": "int8"}, "int8 weights": {"quantization": "int8"},

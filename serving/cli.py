@@ -278,11 +278,11 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
         return 2
     if not config.api_keys_file:
         logger.warning("serving WITHOUT authentication on %s", args.host)
-    from serving.deployment import build_app
-    from serving.replicas.placement import resources_needed
-
     import ray
     from ray import serve
+
+    from serving.deployment import build_app
+    from serving.replicas.placement import resources_needed
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.address:

@@ -81,7 +81,7 @@ class EngineConfig:
                                   "may wait before it fails")
 
     def __post_init__(self) -> None:
-        need = lambda ok, name, expected: _need(self, ok, name, expected)  # noqa: E731
+        need = lambda ok, name, expected: _need(self, ok, name, expected)
         _check_choices(self)
         need(isinstance(self.model, str) and bool(self.model), "model", "a model name or checkpoint folder")
         need(self.tensor_parallel_size >= 1, "tensor_parallel_size", "an integer >= 1")
@@ -113,7 +113,7 @@ class ApiSettings:
     retry_after_s: int = setting(1, "Retry-After seconds of 503 and 429 answers")
 
     def __post_init__(self) -> None:
-        need = lambda ok, name, expected: _need(self, ok, name, expected)  # noqa: E731
+        need = lambda ok, name, expected: _need(self, ok, name, expected)
         need(self.key_reload_interval_s > 0, "key_reload_interval_s", "a number of seconds > 0")
         need(self.max_request_bytes >= 1024, "max_request_bytes", "at least 1024")
         need(self.default_max_tokens >= 1, "default_max_tokens", "an integer >= 1")

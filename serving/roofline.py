@@ -10,8 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from serving.capacity import (DTYPE_BYTES, Deployment, ModelShape, attention_flops, kv_bytes_per_token,
-                              layer_matmul_weights, weight_bytes_per_gpu)
+from serving.capacity import (
+    DTYPE_BYTES,
+    Deployment,
+    ModelShape,
+    attention_flops,
+    kv_bytes_per_token,
+    layer_matmul_weights,
+    weight_bytes_per_gpu,
+)
 
 
 def request_flops(shape: ModelShape, prompt_len: int, output_len: int) -> float:

@@ -26,9 +26,9 @@ from serving.api.errors import invalid_input
 from serving.api.metrics import Metrics
 from serving.api.protocol import ChatMessage
 from serving.api.ratelimit import RateLimiter, Reservation
+from serving.engine.errors import PromptError
 from serving.engine.prompts import check_context_window, encode_prompt
 from serving.engine.prompts import encode_chat as encode_conversation
-from serving.engine.errors import PromptError
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ def _candidate_texts(tokenizer: PreTrainedTokenizerBase, context: list[int], tok
     texts, j = [], 0
     for ids in candidates:
         base = decoded[j]
-        texts.append([d[len(base):] if d.startswith(base) else d for d in decoded[j + 1:j + 1 + len(ids)]])
+        texts.append([d.removeprefix(base) for d in decoded[j + 1:j + 1 + len(ids)]])
         j += 1 + len(ids)
     return texts
 

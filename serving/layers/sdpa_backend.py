@@ -25,6 +25,7 @@ from serving.layers.attention_types import KVCache, KVLayout
 from serving.layers.kv_quant import QuantizedKV
 from serving.utils.context import AttentionContext
 
+
 @dataclass(frozen=True)
 class SdpaPolicy:
     tile_bytes: int                 # gathered keys and values a decode tile aims at

@@ -9,8 +9,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from serving.capacity import (Deployment, Hardware, Load, ModelShape, kv_bytes_per_token, kv_pool_blocks, plan,
-                              weight_bytes_per_gpu)
+from serving.capacity import (
+    Deployment,
+    Hardware,
+    Load,
+    ModelShape,
+    kv_bytes_per_token,
+    kv_pool_blocks,
+    plan,
+    weight_bytes_per_gpu,
+)
 from serving.cli import main
 from serving.config import EngineConfig
 from serving.engine import model_runner

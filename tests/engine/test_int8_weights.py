@@ -10,8 +10,12 @@ import torch.nn.functional as F
 
 from serving.capacity import Deployment, ModelShape, weight_bytes_per_gpu
 from serving.layers import int8_weights
-from serving.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear,
-                                   RowParallelLinear)
+from serving.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
 from serving.models.loader import load_model, weight_bytes
 from tests.fixtures.paged_harness import PagedHarness
 
@@ -79,7 +83,7 @@ def test_model_with_int8_weights(peaked_llama_dir: Path):
     exact = load_model(peaked_llama_dir, torch.float32, torch.device("cpu"))
     model = load_model(peaked_llama_dir, torch.float32, torch.device("cpu"), quantization="int8")
     dtypes = {name: p.dtype for name, p in model.named_parameters()}
-    assert {dtypes[n] for n in dtypes if n.endswith(("proj.weight"))} == {torch.int8}
+    assert {dtypes[n] for n in dtypes if n.endswith("proj.weight")} == {torch.int8}
     assert {dtypes[n] for n in dtypes if "norm" in n or "embed" in n or "lm_head" in n} == {torch.float32}
     linear_fp32 = sum(p.numel() * 4 for n, p in exact.named_parameters() if n.endswith("proj.weight"))
     assert weight_bytes(exact) - weight_bytes(model) > 0.74 * linear_fp32

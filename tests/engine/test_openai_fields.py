@@ -17,6 +17,7 @@ from tests.engine.test_engine import ATOL, assert_entry_matches, hf_greedy, hf_l
 from tests.engine.test_fault_isolation import poisoned, run_to_end
 from tests.fixtures.checkpoints import hf_model
 
+
 @pytest.fixture(scope="module")
 def hf(llama_dir: Path):
     return hf_model(llama_dir)

@@ -9,7 +9,13 @@ import uuid
 
 import requests
 
-from tests.fixtures.gateway import FAKE_KEY, FAKE_KEY_VAR, SHARED_BUDGET, shared_budget_endpoint, start_gateway
+from tests.fixtures.gateway import (
+    FAKE_KEY,
+    FAKE_KEY_VAR,
+    SHARED_BUDGET,
+    shared_budget_endpoint,
+    start_gateway,
+)
 
 # Each request below uses 1 prompt + 4 completion tokens.
 TOKENS_PER_REQUEST = 5
