@@ -136,6 +136,11 @@ def small_linear() -> SmallLinear | None:
 
     def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         (m, k), n = x.shape, weight.shape[0]
+        # The kernel trusts its shapes: a mismatch would read out of bounds, not raise as F.linear does.
+        if weight.shape[1] != k or (bias is not None and (bias.shape != (n,) or not bias.is_contiguous()
+                                                          or bias.dtype != torch.float32)):
+            raise ValueError(f"small_linear: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                             f"bias {None if bias is None else (tuple(bias.shape), bias.dtype)} do not match")
         y = torch.empty(m, n, dtype=x.dtype)
         kernel(y.data_ptr(), x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), m, n, k,
                torch.get_num_threads())

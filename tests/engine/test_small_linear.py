@@ -54,3 +54,14 @@ def test_dispatch_falls_back_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         kernels._library.cache_clear()
         kernels.small_linear.cache_clear()
+
+
+def test_mismatched_shapes_are_refused_not_read_out_of_bounds() -> None:
+    kernel = kernels.small_linear()
+    if kernel is None:
+        pytest.skip("no C compiler here")
+    x, weight = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="do not match"):
+        kernel(x, torch.randn(4, 16), None)
+    with pytest.raises(ValueError, match="do not match"):
+        kernel(x, weight, torch.randn(5))
