@@ -21,14 +21,20 @@ from serving.layers.attention_types import KVLayout
 from serving.utils.cache import cache_dir
 
 
+# How many ways one piece of the forward may be specialised per bucket (2 needed today; room for one more).
+_SPECIALISATIONS_PER_BUCKET = 3
+
+
 def compile_model(model: nn.Module, variants: int) -> nn.Module:
     """The model through torch.compile at static shapes, its attention layers left eager; `variants`: how
     many shapes (batch buckets) it is compiled for."""
     # Before the first compile: inductor reads its cache folder from the environment.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
-    # Each bucket recompiles every graph-broken piece once; past dynamo's per-code limit (8 by default, fewer
-    # than the 9 buckets of max_num_seqs=256) it would silently run the remaining buckets eagerly.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, variants)
+    # Each bucket recompiles every graph-broken piece, and a piece can be specialised more than one way per
+    # bucket (the first decoder layer has no residual yet: 2 variants of its code). Past dynamo's per-code
+    # limit (8 by default, below 2 x the 9 buckets of max_num_seqs=256) the remaining buckets run eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               _SPECIALISATIONS_PER_BUCKET * variants)
     for layer in attention_layers(model):
         layer.forward = torch.compiler.disable(layer.forward)
     return torch.compile(model, dynamic=False)

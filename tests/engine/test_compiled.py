@@ -19,7 +19,9 @@ def test_compiled_decode_matches_eager_without_recompiles(tiny_chat_dir, monkeyp
     llm = LLM(str(tiny_chat_dir), compile=True, **common)
     compiled = llm.engine.executor.runner.decode
     assert sorted(compiled.compile_seconds) == [1, 2]
-    assert all(frames > 0 for frames in compiled.frames_per_bucket.values()), compiled.frames_per_bucket
+    # Every bucket compiled every piece of the forward (a bucket past the limit compiles fewer, or none).
+    frames = compiled.frames_per_bucket
+    assert frames[1] > 0 and frames[2] == frames[1], frames
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
     assert compiled.steps >= 11                  # the decode steps ran compiled
     assert compiled.recompiles_since_warmup == 0
