@@ -20,7 +20,6 @@ from serving.layers.attention import attention_layers
 from serving.layers.attention_types import KVLayout
 from serving.utils.cache import cache_dir
 
-
 # How many ways one piece of the forward may be specialised per bucket (2 needed today; room for one more).
 _SPECIALISATIONS_PER_BUCKET = 3
 
