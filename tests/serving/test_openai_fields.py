@@ -99,7 +99,8 @@ def test_echo_scores_the_prompt_like_transformers(client, oai, serving_stack, re
                                          logprobs=1, temperature=0, stream=True))
     streamed = [c.choices[0] for c in chunks if c.choices]
     assert "".join(c.text for c in streamed) == PROMPT
-    assert flat(c.logprobs.token_logprobs for c in streamed if c.logprobs) == lp["token_logprobs"]
+    assert flat(c.logprobs.token_logprobs for c in streamed if c.logprobs) == pytest.approx(lp["token_logprobs"],
+                                                                                            abs=1e-5)
 
 
 def test_chat_logprobs_streamed_and_not(oai, serving_stack, reference):
@@ -122,7 +123,9 @@ def test_chat_logprobs_streamed_and_not(oai, serving_stack, reference):
         assert bytes(t.bytes).decode("utf-8", "replace") == t.token or len(t.bytes) == 1
     chunks = list(oai.chat.completions.create(**kwargs, stream=True))
     streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # Up to float rounding (see the completions test above: a prefix-cache hit changes the matmul routine).
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in content], abs=1e-5)
     plain = oai.chat.completions.create(**{k: v for k, v in kwargs.items() if "logprobs" not in k}).choices[0]
     assert plain.logprobs is None and plain.message.content == full.message.content
 
