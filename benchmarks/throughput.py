@@ -4,16 +4,17 @@ Workload: `--num-requests` random-token prompts (lengths uniform in [16, 512]) e
 new tokens uniform in [16, 256], greedy, EOS ignored, fixed seed. Only the tokens each request asked for
 count as useful. transformers runs static left-padded batches (each batch runs until its longest request
 is done) at several batch sizes; our engine runs everything at once at its defaults, again capped at
-transformers' best batch size, and again with torch SDPA for decode attention instead of the native CPU
-kernel (an ablation). Batch-1 decode speed is the per-token time of a long generation minus a
-one-token one (so the prefill cancels out).
+transformers' best batch size, and in two ablations: torch SDPA for decode attention instead of the native
+CPU kernel, and the matmuls without the oneDNN-packed copy of the weights. Batch-1 decode speed is the
+per-token time of a long generation minus a one-token one (so the prefill cancels out).
 
 Models: the embedded default (`tiny-llama-2-chat`), a ~100M-parameter Llama and a small model with Llama's
 proportions (`llama-prop`: GQA, head_dim 64, LM head ~12% of the weights), the last two written with random
 weights to a temporary folder. `llama-prop` runs a shorter-context workload (prompts 16-256, outputs 16-128).
 
 Distance to the limit, per run: MFU (useful FLOPs, serving/roofline.py, / elapsed / the rate of a large
-`torch.mm` measured in the same run at the benchmark's dtype and thread count) and, for batch-1 decode, MBU
+square matmul measured in the same run at the benchmark's dtype and thread count: the faster of `torch.mm`
+and oneDNN on a packed weight) and, for batch-1 decode, MBU
 (bytes of weights and KV read per token / time per token / the bandwidth of a large tensor clone measured in
 the same run, read + write bytes). Prints a table and writes JSON under benchmarks/results/.
 
@@ -40,6 +41,7 @@ from serving import LLM, SamplingParams
 from serving.capacity import ModelShape
 from serving.config import DEFAULT_MODEL
 from serving.engine.compiled import CompiledDecode
+from serving.layers.packed_weights import can_pack, pack, packed_linear
 from serving.models.tiny import resolve_model, write_random_weights
 from serving.roofline import decode_bytes_per_token, utilization, workload_flops
 
@@ -82,14 +84,22 @@ def build_100m(folder: Path, tokenizer_dir: Path, logit_std: float | None = None
 
 def measure_peaks(dtype: torch.dtype, size: int = 2048, copy_mib: int = 256, repeats: int = 5) -> dict:
     """The machine's limits as this process sees them now: best of a few timings of a large square matmul
-    (FLOP/s) and of a large tensor clone (bytes read + written per second)."""
+    (FLOP/s), by torch.mm and, where torch has oneDNN and the dtype is float32, by oneDNN on a packed weight
+    (the engine's CPU route, faster than torch.mm here: the peak is the faster of the two), and of a large
+    tensor clone (bytes read + written per second)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.mm(a, b)
-    best_mm = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    routes = {"torch_mm": lambda: torch.mm(a, b)}
+    if can_pack(b):
+        packed = pack(b)
+        routes["onednn_packed"] = lambda: packed_linear(a, packed, None)
+    rates = {}
+    for name, product in routes.items():
+        product()
+        rates[name] = 2 * size**3 / min(_timed(product) for _ in range(repeats))
     big = torch.randn(copy_mib * 2**20 // dtype.itemsize, dtype=dtype)
     big.clone()
     best_copy = min(_timed(big.clone) for _ in range(repeats))
-    return {"matmul_flops_per_s": 2 * size**3 / best_mm,
+    return {"matmul_flops_per_s": max(rates.values()), "matmul_route_flops_per_s": rates,
             "copy_bytes_per_s": 2 * big.numel() * dtype.itemsize / best_copy,
             "matmul_size": size, "copy_mib": copy_mib}
 
@@ -209,6 +219,9 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: i
     # Ablation: the engine with torch SDPA for decodes too, instead of the native CPU kernel.
     sdpa = bench_engine(path, requests, useful, args, decode=False, attention_backend="sdpa")
     gc.collect()
+    # Ablation: the matmuls on the plain weights only (torch's GEMM above the small-batch kernel's rows).
+    unpacked = bench_engine(path, requests, useful, args, decode=False, packed_weights=False)
+    gc.collect()
     # The compile option side by side with the eager defaults (its buckets compile at start, not timed here).
     compiled = bench_engine(path, requests, useful, args, decode=True, compile=True)
     gc.collect()
@@ -217,7 +230,7 @@ def bench_model(name: str, path: Path, args: argparse.Namespace, num_requests: i
               "transformers": hf["batches"], "transformers_best_batch": best_bs,
               "transformers_decode_ms": hf["decode_ms"], "engine_decode_ms": engine.pop("decode_ms"),
               "engine": engine,
-              "engine_same_batch": same_batch, "engine_sdpa": sdpa,
+              "engine_same_batch": same_batch, "engine_sdpa": sdpa, "engine_unpacked": unpacked,
               "engine_compiled_decode_ms": compiled.pop("decode_ms"), "engine_compiled": compiled}
     add_utilization(result, ModelShape.load(path), requests, args)
     return result
@@ -227,7 +240,8 @@ def add_utilization(result: dict, shape: ModelShape, requests: list[tuple[list[i
                     args: argparse.Namespace) -> None:
     """MFU of every run and batch-1 decode MBU of both sides, against the peaks measured in this run."""
     peaks = measure_peaks(torch.float32)
-    print(f"peaks now: matmul {peaks['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s, "
+    routes = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peaks["matmul_route_flops_per_s"].items())
+    print(f"peaks now: matmul {peaks['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({routes}), "
           f"copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
     flops = workload_flops(shape, [(len(p), n) for p, n in requests])
     result.update(peaks, useful_flops=flops)
@@ -252,6 +266,7 @@ def print_table(results: list[dict]) -> None:
         rows += [("engine (defaults)", r["engine"]),
                  (f"engine (max_num_seqs={r['engine_same_batch']['max_num_seqs']})", r["engine_same_batch"]),
                  ("engine (attention_backend=sdpa)", r["engine_sdpa"]),
+                 ("engine (packed_weights=False)", r["engine_unpacked"]),
                  ("engine (compile=True)", r["engine_compiled"])]
         for label, t in rows:
             print(f"| {r['model']} | {label} | {t['tokens_per_s']:.1f} | {t['tokens_per_s'] / best:.2f}x | "
@@ -271,10 +286,13 @@ def print_table(results: list[dict]) -> None:
         per_bucket = ", ".join(f"{b}: {t:.1f}" for b, t in c["compile_seconds"].items())
         print(f"| {r['model']} | {r['engine_decode_ms']:.2f} | {r['engine_compiled_decode_ms']:.2f} | "
               f"{per_bucket} | {c['recompiles_after_warmup']} |")
-    print("\n| model | peak matmul GFLOP/s | copy GB/s | decode bytes/token |")
-    print("| --- | ---: | ---: | ---: |")
+    print("\n| model | peak matmul GFLOP/s (the faster of) | torch.mm | oneDNN packed | copy GB/s | "
+          "decode bytes/token |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
-        print(f"| {r['model']} | {r['matmul_flops_per_s'] / 1e9:.1f} | {r['copy_bytes_per_s'] / 1e9:.1f} | "
+        routes = {k: f"{v / 1e9:.1f}" for k, v in r["matmul_route_flops_per_s"].items()}
+        print(f"| {r['model']} | {r['matmul_flops_per_s'] / 1e9:.1f} | {routes.get('torch_mm', '-')} | "
+              f"{routes.get('onednn_packed', '-')} | {r['copy_bytes_per_s'] / 1e9:.1f} | "
               f"{r['decode_bytes_per_token'] / 1e6:.1f} MB |")
 
 

@@ -138,7 +138,8 @@ class ModelRunner:
             # them (magnitudes below 1e-38) to zero does not change results at float32 resolution.
             # A process-wide switch.
             torch.set_flush_denormal(True)
-        self.model = load_model(model_path, self.dtype, self.device, config.quantization)
+        self.model = load_model(model_path, self.dtype, self.device, config.quantization,
+                                packed_weights=config.packed_weights and not config.compile)
         self.vocab_size: int = self.model.config.vocab_size
         self.sampler = Sampler(self.device, config.seed)
         layers = attention_layers(self.model)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serving.layers.linear import linear, narrow
+from serving.layers.packed_weights import can_pack, pack
 from serving.parallel.state import get_tp_rank, get_tp_world_size
 
 
@@ -39,8 +40,17 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(vocab_size, hidden_size)
+        self.packed_weight: torch.Tensor | None = None   # set by pack_weight
+
+    def pack_weight(self) -> None:
+        """Also hold this rank's float32 CPU rows packed for oneDNN (a copy: a tied embedding keeps its own)."""
+        if can_pack(self.weight):
+            self.packed_weight = pack(self.weight.data)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)
+        logits = linear(hidden, self.weight, packed=self.packed_weight)
         if self.tp_size > 1:
             shards = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(shards, logits)

@@ -16,6 +16,7 @@ from torch import nn
 
 from serving.kernels import small_linear
 from serving.layers.int8_weights import int8_linear, quantize_per_channel
+from serving.layers.packed_weights import PACKED_MIN_ROWS, can_pack, pack, packed_linear
 from serving.parallel.state import get_tp_rank, get_tp_world_size
 
 # Rows of x up to which a float32 CPU product runs in the native kernel (serving/kernels/small_linear.c):
@@ -24,15 +25,19 @@ from serving.parallel.state import get_tp_rank, get_tp_world_size
 SMALL_LINEAR_MAX_ROWS = 16
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`; a decode step's few rows of float32 CPU activations go through the native kernel
-    (not under torch.compile, which traces F.linear)."""
-    if (x.dim() == 2 and x.shape[0] <= SMALL_LINEAR_MAX_ROWS and x.device.type == "cpu"
-            and x.dtype == weight.dtype == torch.float32 and weight.is_contiguous()
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`. For float32 CPU activations (not under torch.compile, which traces F.linear): a step of
+    more than a few rows uses the weight's packed copy when there is one (serving/layers/packed_weights.py),
+    a decode step's few rows the native kernel."""
+    if (x.dim() == 2 and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.compiler.is_compiling()):
-        kernel = small_linear()
-        if kernel is not None:
-            return kernel(x.contiguous(), weight, bias)
+        if packed is not None and x.shape[0] >= PACKED_MIN_ROWS:
+            return packed_linear(x, packed, bias)
+        if x.shape[0] <= SMALL_LINEAR_MAX_ROWS and weight.is_contiguous():
+            kernel = small_linear()
+            if kernel is not None:
+                return kernel(x.contiguous(), weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -67,6 +72,7 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_parameter("weight_scale", None)   # set by quantize_int8
+        self.packed_weight: torch.Tensor | None = None   # set by pack_weight
 
     def quantize_int8(self) -> None:
         """Replace this rank's float weight by int8 codes (still `weight`) and float32 `weight_scale` [N].
@@ -82,9 +88,14 @@ class LinearBase(nn.Module):
         self.weight = nn.Parameter(codes, requires_grad=False)
         self.weight_scale = nn.Parameter(scale, requires_grad=False)
 
+    def pack_weight(self) -> None:
+        """Also hold this rank's float32 CPU weight packed for oneDNN (a no-op for int8 or other weights)."""
+        if self.weight_scale is None and can_pack(self.weight):
+            self.packed_weight = pack(self.weight.data)
+
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight_scale is None:
-            return linear(x, self.weight, bias)
+            return linear(x, self.weight, bias, self.packed_weight)
         return int8_linear(x, self.weight, self.weight_scale, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: Any) -> None:

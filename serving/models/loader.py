@@ -11,6 +11,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 from transformers import AutoConfig, LlamaConfig
 
+from serving.layers.embed_head import ParallelLMHead
 from serving.layers.linear import LinearBase
 from serving.models.llama import LlamaForCausalLM
 
@@ -41,9 +42,10 @@ QUANTIZATIONS = (None, "int8")
 
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device,
-               quantization: str | None = None) -> LlamaForCausalLM:
+               quantization: str | None = None, packed_weights: bool = False) -> LlamaForCausalLM:
     """This rank's shard of the model; quantization="int8" quantizes every linear layer's shard once it is
-    loaded (weight-only; embeddings, LM head and norms stay in `dtype`)."""
+    loaded (weight-only; embeddings, LM head and norms stay in `dtype`); packed_weights also holds the float32
+    CPU matmul weights (linear layers and LM head) packed for oneDNN (serving/layers/packed_weights.py)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"invalid quantization={quantization!r}: expected None or int8")
     config = load_config(path)
@@ -59,6 +61,10 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device,
         for module in model.modules():
             if isinstance(module, LinearBase):
                 module.quantize_int8()
+    if packed_weights:
+        for module in model.modules():
+            if isinstance(module, (LinearBase, ParallelLMHead)):
+                module.pack_weight()
     return model.eval()
 
 
