@@ -6,7 +6,8 @@ load. Workload per concurrency level N: `max(N * rounds, min_requests)` requests
 (length uniform in [32, 256]) asking for a number of new tokens uniform in [32, 128], greedy, EOS ignored,
 fixed seed, at most N in flight. The server is one LLM replica with mosaic-serve's default CPU share (the
 cores less one, which the proxy, the ingress and the clients need) behind the ingress, at its default settings (a busy replica sends a stream's tokens in small groups, see
-`stream_items_per_s`), reached over loopback HTTP with SSE on `/v1/completions` with token-id prompts (so
+`stream_items_per_s`), reached over loopback HTTP on the port the ingress replica serves itself, as `mosaic-serve`
+runs it (`--via-proxy`: through Ray Serve's proxy, as on a cluster), with SSE on `/v1/completions` with token-id prompts (so
 neither side tokenizes). Per-token latencies on the server side come from the chunks' running usage
 (`continuous_usage_stats`). Reported per level: generated tokens/s of each and their ratio (goal >= 0.9),
 time to first token and inter-token latency p50/p99 of each. The in-process engine runs the same engine
@@ -16,6 +17,7 @@ settings, torch threads included (`--engine-threads` to change that).
     python benchmarks/serving_load.py --concurrency 1 4 16 --rounds 2 --min-requests 8   # small and quick
     python benchmarks/serving_load.py --hops    # also on the LLM replica's handle: the cost of each hop
     python benchmarks/serving_load.py --pin     # the engine on core 0, everything else on core 1
+    python benchmarks/serving_load.py --via-proxy   # clients -> Ray Serve's proxy -> ingress (the cluster path)
 
 `--pin` gives the engine a core of its own, as on a GPU node where the HTTP path does not compete with it,
 with the same thread layout on both sides: the engine's step thread and the event loop that feeds it share
@@ -305,6 +307,9 @@ def main() -> int:
                              "Ray's transport and the HTTP path (proxy, ingress, SSE)")
     parser.add_argument("--pin", action="store_true",
                         help="the engine on core 0 and everything else on core 1, in both runs (see above)")
+    parser.add_argument("--via-proxy", action="store_true",
+                        help="clients reach the ingress through Ray Serve's proxy (as on a cluster, `mosaic-serve "
+                             "--address`), not on the port the ingress serves itself (as `mosaic-serve` alone)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "serving_load.json")
     args = parser.parse_args()
     if args.pin and not {0, 1} <= os.sched_getaffinity(0):
@@ -338,9 +343,13 @@ def main() -> int:
         ray.init(include_dashboard=False, num_cpus=int(app.llm_num_cpus) + 2, object_store_memory=200 * 1024 * 1024,
                  _temp_dir=str(ray_tmp), log_to_driver=False)
         port = _free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         print("starting the server ...", flush=True)
-        serve.run(build_app(app), name=APP, route_prefix="/")
+        if args.via_proxy:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(app), name=APP, route_prefix="/")
+        else:
+            serve.start(proxy_location="Disabled")
+            serve.run(build_app(app, listen=("127.0.0.1", port)), name=APP, route_prefix="/")
         if args.pin:
             print(f"pinned: LLM replica (pid {pin_server(APP)}) on core 0, the rest on core 1", flush=True)
         print(f"measuring: in-process engine ({threads} torch threads) then server (replica with "
@@ -356,7 +365,7 @@ def main() -> int:
 
     results = {
         "benchmark": "serving_load", "model": args.model, "in_process_torch_threads": threads,
-        "server_replica_cpus": app.llm_num_cpus, "cpus": os.cpu_count(), "pinned": args.pin,
+        "server_replica_cpus": app.llm_num_cpus, "cpus": os.cpu_count(), "pinned": args.pin, "via_proxy": args.via_proxy,
         "load_average": os.getloadavg(),
         "platform": platform.platform(), "python": sys.version.split()[0],
         "workload": {"prompt_tokens": [32, 256], "max_tokens": [32, 128], "greedy": True, "ignore_eos": True,

@@ -66,7 +66,8 @@ class IngressSettings(BaseModel):
     ingress_resources: dict[str, float] = Field(default_factory=dict,
                                                 description="custom Ray resources per ingress replica")
     ingress_max_ongoing_requests: int = Field(1024, ge=1, description="requests one ingress replica answers "
-                                              "at once (as many more wait at the proxy)")
+                                              "at once (as many more wait at the proxy; one serving its own "
+                                              "port answers twice this many), more are answered 503")
     # Serving without keys must be asked for by name: build_app refuses otherwise (fail closed).
     insecure_no_auth: bool = Field(False, description="serve without API keys (refused otherwise)")
 

@@ -174,14 +174,15 @@ def _serve_parser(prog: str = "mosaic-serve") -> argparse.ArgumentParser:
             else:
                 _add_setting(group, name, annotation, info, name)
     http = groups["ingress & auth"]
-    http.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy listens on (default: %(default)s)")
+    http.add_argument("--host", default="127.0.0.1", help="address the HTTP server listens on (default: %(default)s)")
     http.add_argument("--port", type=int, default=8000, help="HTTP port (default: %(default)s)")
     cluster = p.add_argument_group("Ray cluster")
     cluster.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                          help="Ray cluster to deploy onto (default: $RAY_ADDRESS, else start a local Ray instance)")
     cluster.add_argument("--proxy-location", default="EveryNode", choices=["EveryNode", "HeadOnly"],
-                         help="where Ray Serve runs HTTP proxies (HeadOnly: several nodes on one machine share a "
-                              "port) (default: %(default)s)")
+                         help="with --address: where Ray Serve runs HTTP proxies (HeadOnly: several nodes on one "
+                              "machine share a port); without it the ingress replicas serve --port themselves "
+                              "(default: %(default)s)")
     return p
 
 
@@ -276,6 +277,10 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
     except (OSError, ValueError) as exc:  # a settings file that cannot be read; ValidationError is a ValueError
         print(f"error: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    problem = None if args.address else _port_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if not config.api_keys_file:
         logger.warning("serving WITHOUT authentication on %s", args.host)
     import ray
@@ -300,10 +305,17 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
-        host, port = _listening_address(args.host, args.port)
-        logger.info("HTTP proxy listening on %s:%d (%s)", host, port,
+        if args.address:
+            # A cluster's clients reach the proxies it was started with (on every node, its load balancer's).
+            serve.start(http_options={"host": args.host, "port": args.port}, proxy_location=args.proxy_location)
+            serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+            host, port = _listening_address(args.host, args.port)
+        else:
+            # Our own instance: the ingress replicas serve the port themselves, one hop less than the proxy.
+            host, port = args.host, args.port
+            serve.start(proxy_location="Disabled")
+            serve.run(build_app(config, listen=(host, port)), name=APP_NAME, route_prefix="/")
+        logger.info("HTTP listening on %s:%d (%s)", host, port,
                     "API keys from " + config.api_keys_file if config.api_keys_file else "NO authentication")
         base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
         print(f"mosaic-serve: serving {config.engine_config().served_model_name}"
@@ -344,6 +356,17 @@ def _drain(timeout_s: float, hurry: threading.Event) -> None:
             logger.warning("stopping with %d requests still in flight", in_flight)
             return
         time.sleep(0.2)
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why host:port cannot be served on, or None. The ingress replicas bind it with SO_REUSEPORT, which
+    would share it with another such server (another mosaic-serve) instead of failing: check it first."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, port))
+    except OSError as exc:
+        return f"cannot serve on {host}:{port}: {exc.strerror}"
+    return None
 
 
 def _listening_address(host: str, port: int) -> tuple[str, int]:

@@ -1,7 +1,10 @@
 """The Ray Serve application: a FastAPI ingress, LLM replicas running the async engine, embedding replicas.
 
-    HTTP proxy ──► Ingress (auth, limits, tokenize, SSE) ──handles, streaming──► LLMServer × R
-                                                       └──────────────────────► EmbeddingServer × E
+    HTTP ──► Ingress (auth, limits, tokenize, SSE) ──handles, streaming──► LLMServer × R
+                                                 └──────────────────────► EmbeddingServer × E
+
+HTTP reaches the ingress through Ray Serve's proxies, or (`build_app(config, listen=...)`, what `mosaic-serve`
+does on a Ray instance of its own) each ingress replica serves the port itself: one hop less.
 
 Backpressure, per LLM replica: at most `max_num_seqs` requests run and at most `max_waiting_requests` wait
 behind them. Ray Serve is set to agree: `max_ongoing_requests` is that sum, so the router never sends a
@@ -49,14 +52,26 @@ class LLMReplica(LLMServer):
 
 
 class Ingress:
-    """The HTTP entry: builds the FastAPI app once the model deployments have described themselves."""
+    """The HTTP entry: builds the FastAPI app once the model deployments have described themselves; with
+    `listen` (host, port) it also serves that app there itself (serving/api/server.py), not only behind
+    Ray Serve's proxy."""
 
-    async def __init__(self, config: AppConfig, llm: DeploymentHandle, embedder: DeploymentHandle | None):
+    async def __init__(self, config: AppConfig, llm: DeploymentHandle, embedder: DeploymentHandle | None,
+                       listen: tuple[str, int] | None = None):
         replica = enter_replica(config.ingress_num_cpus)
         settings = config.api_settings()
         llm_backend = await LLMBackend.connect(llm, settings.retry_after_s)
         embed_backend = await EmbeddingBackend.connect(embedder, settings.retry_after_s) if embedder else None
         self.ctx = ApiContext.create(settings, llm_backend, embed_backend, replica)
+        self.shutdown_timeout_s = config.graceful_shutdown_timeout_s
+        self.server = None
+        if listen is not None:
+            from serving.api.app import create_app
+            from serving.api.server import DirectServer
+
+            # What Ray's proxy bounded before (ongoing, plus as many queued) is refused 503 here instead.
+            self.ctx.max_in_flight = 2 * config.ingress_max_ongoing_requests
+            self.server = DirectServer(create_app(self.ctx), *listen)
 
     async def drain(self) -> int:
         """Refuse new requests from now on (503 + Retry-After); returns how many are still being answered."""
@@ -66,14 +81,21 @@ class Ingress:
     async def in_flight(self) -> int:
         return self.ctx.in_flight
 
+    async def __del__(self) -> None:
+        # Ray counts only the requests its proxy sent: the directly served ones finish here.
+        if self.server is not None:
+            await self.server.stop(self.shutdown_timeout_s)
+
     def __serve_build_asgi_app__(self) -> FastAPI:
         from serving.api.app import create_app
 
         return create_app(self.ctx)
 
 
-def build_app(config: AppConfig) -> Application:
-    """The application; refuses (ValueError) to build one without API keys unless insecure_no_auth is set."""
+def build_app(config: AppConfig, listen: tuple[str, int] | None = None) -> Application:
+    """The application; refuses (ValueError) to build one without API keys unless insecure_no_auth is set.
+    `listen`: the (host, port) every ingress replica serves HTTP on itself (then start Ray Serve without
+    proxies, `proxy_location="Disabled"`); None: clients go through Ray Serve's proxies."""
     if config.api_keys_file is None:
         if not config.insecure_no_auth:
             raise ValueError("refusing to build the serving app without authentication: set api_keys_file (create "
@@ -129,7 +151,7 @@ def build_app(config: AppConfig) -> Application:
         backpressure_config={"retry_after_s": config.retry_after_s},
         graceful_shutdown_timeout_s=config.graceful_shutdown_timeout_s,
     )
-    return ingress.bind(config, llm, embedder)
+    return ingress.bind(config, llm, embedder, listen)
 
 
 def app_builder(args: dict[str, Any]) -> Application:

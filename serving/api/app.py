@@ -179,11 +179,17 @@ class AccessMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.ctx.draining and _route_path(scope) not in PUBLIC_PATHS:
+        public = _route_path(scope) in PUBLIC_PATHS
+        if self.ctx.draining and not public:
             response = unavailable("the server is shutting down; retry on another server or later",
                                    "shutting_down", self.ctx.settings.retry_after_s).to_response()
             response.headers["Connection"] = "close"
             await response(scope, receive, send)
+            return
+        limit = self.ctx.max_in_flight
+        if limit is not None and self.ctx.in_flight >= limit and not public:
+            await unavailable(f"this ingress replica is answering {limit} requests; retry later",
+                              "ingress_busy", self.ctx.settings.retry_after_s).to_response()(scope, receive, send)
             return
         self.ctx.in_flight += 1
         try:

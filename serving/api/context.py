@@ -22,6 +22,7 @@ class ApiContext:
     # Shutdown: set by Ingress.drain; new requests are then answered 503 while accepted ones finish.
     draining: bool = False
     in_flight: int = 0                         # requests (streams until their last byte) being answered
+    max_in_flight: int | None = None           # beyond it 503 (serving without Ray's proxy and its queue)
 
     @classmethod
     def create(cls, settings: ApiSettings, llm: LLMBackend | None, embedder: EmbeddingBackend | None,

@@ -57,3 +57,18 @@ async def test_refused_keys_are_counted_under_the_route(app_and_key):
     # A path no route has stays one bounded label.
     assert counted[("unmatched", "404")] == 1
     assert ("unmatched", "401") not in counted
+
+
+async def test_a_full_ingress_refuses_with_retry_after_but_answers_health(tmp_path):
+    keys = tmp_path / "keys.json"
+    key = add_key(keys, "alice")
+    ctx = ApiContext.create(ApiSettings(api_keys_file=str(keys)), None, None)
+    app = create_app(ctx)
+    ctx.max_in_flight, ctx.in_flight = 1, 1  # one request already being answered
+    async with await _client(app) as client:
+        r = await client.post("/v1/completions", json={}, headers={"Authorization": key})
+        assert _error(r, 503)["code"] == "ingress_busy"
+        assert int(r.headers["Retry-After"]) >= 1
+        assert (await client.get("/health")).status_code == 200
+        ctx.in_flight = 0
+        assert (await client.post("/v1/completions", json={}, headers={"Authorization": key})).status_code == 422
