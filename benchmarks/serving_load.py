@@ -249,7 +249,7 @@ async def measure(engine_config: EngineConfig, base_url: str, model: str, levels
 
 def hop_costs(in_process: list[dict], replica: list[dict], server: list[dict]) -> list[dict]:
     """Per level, the p50 TTFT and inter-token latency each hop adds: Ray's transport from the LLM replica
-    (replica handle - in process), then the HTTP path (proxy, ingress, SSE: server - replica handle)."""
+    (replica handle - in process), then the HTTP path ([proxy,] ingress, SSE: server - replica handle)."""
     return [{"concurrency": a["concurrency"],
              **{f"{m}_transport_ms": round(b[f"{m}_p50_ms"] - a[f"{m}_p50_ms"], 2) for m in ("ttft", "itl")},
              **{f"{m}_http_ms": round(c[f"{m}_p50_ms"] - b[f"{m}_p50_ms"], 2) for m in ("ttft", "itl")}}
@@ -388,8 +388,8 @@ def main() -> int:
               f"{a['itl_p50_ms']:>11.2f}/{a['itl_p99_ms']:<12.2f} {b['itl_p50_ms']:>7.2f}/{b['itl_p99_ms']:<7.2f}")
     if args.hops:
         print("\nWhere the time goes (p50, ms added by each hop over the one before it):")
-        print(f"{'N':>4} {'TTFT: replica handle':>21} {'proxy+ingress+SSE':>18} | {'ITL: replica handle':>20} "
-              f"{'proxy+ingress+SSE':>18}")
+        http = "proxy+ingress+SSE" if args.via_proxy else "ingress+SSE"
+        print(f"{'N':>4} {'TTFT: replica handle':>21} {http:>18} | {'ITL: replica handle':>20} {http:>18}")
         for h in results["hops"]:
             print(f"{h['concurrency']:>4} {h['ttft_transport_ms']:>21.2f} {h['ttft_http_ms']:>18.2f} | "
                   f"{h['itl_transport_ms']:>20.2f} {h['itl_http_ms']:>18.2f}")
