@@ -9,8 +9,8 @@ does on a Ray instance of its own) each ingress replica serves the port itself: 
 Backpressure, per LLM replica: at most `max_num_seqs` requests run and at most `max_waiting_requests` wait
 behind them. Ray Serve is set to agree: `max_ongoing_requests` is that sum, so the router never sends a
 replica more than it admits, and the ingress's handle holds at most `router_queue` (what all replicas admit
-together) unassigned requests; beyond that a request is answered 503 with Retry-After at once. Nothing
-queues unbounded.
+together) unassigned requests; beyond that a request is answered 503 with Retry-After at once (the ingress
+also counts what it passes to the handle, as Ray's count lags a burst). Nothing queues unbounded.
 
 Settings: serving/app_config.py (AppConfig). Replicas: serving/replicas/ (LLMServer, EmbeddingServer, what
 they take from the cluster). Health: Ray calls `check_health` on each replica every `health_check_period_s`
@@ -60,7 +60,8 @@ class Ingress:
                        listen: tuple[str, int] | None = None):
         replica = enter_replica(config.ingress_num_cpus)
         settings = config.api_settings()
-        llm_backend = await LLMBackend.connect(llm, settings.retry_after_s)
+        # What the LLM replicas run and queue plus what the handle queues (see AppConfig.router_queue).
+        llm_backend = await LLMBackend.connect(llm, settings.retry_after_s, 2 * config.router_queue)
         embed_backend = await EmbeddingBackend.connect(embedder, settings.retry_after_s) if embedder else None
         self.ctx = ApiContext.create(settings, llm_backend, embed_backend, replica)
         self.shutdown_timeout_s = config.graceful_shutdown_timeout_s

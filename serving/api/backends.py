@@ -76,12 +76,16 @@ def error_for(result: ErrorResult, retry_after: int) -> APIError:
     return bad_request(result.message)
 
 
+def queue_full(retry_after: int) -> APIError:
+    return unavailable("all replicas are busy and the queue is full; retry later", "queue_full", retry_after)
+
+
 def map_ray_error(exc: BaseException, retry_after: int) -> APIError | None:
     """The HTTP error for a failure of the Ray layer, or None if `exc` is not one."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, BackPressureError):
-        return unavailable("all replicas are busy and the queue is full; retry later", "queue_full", retry_after)
+        return queue_full(retry_after)
     if isinstance(exc, _REPLICA_GONE):
         return unavailable("the replica serving this request went away; retry", "replica_unavailable", retry_after)
     return None
@@ -107,19 +111,40 @@ class _Backend:
 
 
 class LLMBackend(_Backend):
-    def __init__(self, handle: DeploymentHandle, info: LLMInfo, retry_after: int):
+    """`max_outstanding`: generations this ingress replica passes to the handle at once (what the replicas
+    run and queue plus the handle's own queue); more are refused 503 here. Ray's router checks its queue
+    bound before it counts a request as queued, so a burst arriving in one tick (as on the ingress's own
+    port, without the proxy's pacing) would overshoot it."""
+
+    def __init__(self, handle: DeploymentHandle, info: LLMInfo, retry_after: int, max_outstanding: int | None = None):
         super().__init__(handle, retry_after)
         self._stream = streaming(handle)
         self.info = info
+        self.max_outstanding = max_outstanding
+        self.outstanding = 0
 
     @classmethod
-    async def connect(cls, handle: DeploymentHandle, retry_after: int) -> LLMBackend:
+    async def connect(cls, handle: DeploymentHandle, retry_after: int,
+                      max_outstanding: int | None = None) -> LLMBackend:
         info = await handle.model_info.remote()
-        return cls(handle, LLMInfo(**info), retry_after)
+        return cls(handle, LLMInfo(**info), retry_after, max_outstanding)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: dict[str, Any]) -> AsyncIterator[list[Delta]]:
         """Stream a request's increments from an LLM replica; raises APIError for every failure mode."""
+        if self.max_outstanding is not None and self.outstanding >= self.max_outstanding:
+            raise queue_full(self.retry_after)
+        self.outstanding += 1
+        try:
+            # Closed at once when the consumer leaves, so the replica-side request is cancelled now.
+            async with contextlib.aclosing(self._generate(request_id, prompt_token_ids, params)) as stream:
+                async for deltas in stream:
+                    yield deltas
+        finally:
+            self.outstanding -= 1
+
+    async def _generate(self, request_id: str, prompt_token_ids: list[int],
+                        params: dict[str, Any]) -> AsyncIterator[list[Delta]]:
         for attempt in (1, 2):
             response = self._stream.generate.remote(request_id, prompt_token_ids, params)
             started = ended = False
