@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 _SOURCES = {
     "paged_attention.c": (("paged_decode_attention_f32", 6, 6, 1), ("paged_decode_attention_i8", 8, 6, 1)),
     "small_linear.c": (("small_linear_f32", 4, 3, 0),),
+    "fused_ops.c": (("add_rms_norm_f32", 5, 2, 1), ("rotary_f32", 6, 8, 0), ("silu_and_mul_f32", 2, 3, 0)),
 }
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 # Linked without -ffast-math: linking with it would add crtfastmath.o, whose constructor changes the

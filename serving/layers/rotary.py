@@ -9,6 +9,8 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from serving.kernels.fused import rotary_qkv
+
 
 def _default_inv_freq(config: PretrainedConfig) -> tuple[torch.Tensor, float]:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -59,3 +61,17 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor,
     """q: [T, H, D], k: [T, KVH, D]."""
     cos, sin = cos_sin
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def split_rotary(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int,
+                 cos_sin: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, H, D], k and v [T, KVH, D] of a fused projection [T, (H + 2 KVH) * D], q and k rotated. For
+    float32 CPU activations a native kernel rotates them straight from the projection's output
+    (serving/kernels/fused_ops.c), with no split or cat copies."""
+    fused = rotary_qkv(qkv, num_heads, num_kv_heads, head_dim, *cos_sin)
+    if fused is not None:
+        return fused
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q, k = apply_rotary(q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim), cos_sin)
+    return q, k, v.view(-1, num_kv_heads, head_dim)

@@ -11,7 +11,7 @@ from serving.layers.attention import Attention
 from serving.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from serving.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from serving.layers.norm import RMSNorm
-from serving.layers.rotary import RotaryEmbedding, apply_rotary
+from serving.layers.rotary import RotaryEmbedding, split_rotary
 
 
 class LlamaAttention(nn.Module):
@@ -31,12 +31,8 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(self.num_heads, head_dim, head_dim**-0.5, self.num_kv_heads)
 
     def forward(self, cos_sin: tuple[torch.Tensor, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos_sin)
-        return self.o_proj(self.attn(q, k, v.view(-1, self.num_kv_heads, self.head_dim)))
+        q, k, v = split_rotary(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim, cos_sin)
+        return self.o_proj(self.attn(q, k, v))
 
 
 class LlamaMLP(nn.Module):
