@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -39,8 +40,9 @@ def failovers(metrics_url: str) -> float:
 
 @pytest.mark.slow
 def test_a_region_stopped_under_load_fails_no_request_and_traffic_returns(serving_stack, gateway_launcher):
-    serving_stack.deploy("region-a", AppConfig(api_keys_file=str(serving_stack.keys_file), **REGION))
-    edge = Edge(serving_stack.port)
+    region_url = serving_stack.deploy("region-a", AppConfig(api_keys_file=str(serving_stack.keys_file), **REGION))
+    # Region A is an extra application: behind Ray Serve's proxy, whose port the edge forwards to.
+    edge = Edge(urlsplit(region_url).port)
     edge.start()
     try:
         region_a, region_b = f"{edge.url}/region-a", serving_stack.base_url.rstrip("/")
