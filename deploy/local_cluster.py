@@ -53,6 +53,8 @@ class LocalCluster:
         self.head: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.dashboard_port: int | None = None
+        self._head_args: list[str] = []
+        self._head_log_offset = 0
 
     @property
     def address(self) -> str:
@@ -74,21 +76,26 @@ class LocalCluster:
             dashboard = ["--include-dashboard", "true", "--dashboard-host", NODE_IP,
                          "--dashboard-port", str(dashboard_port)]
         self.dashboard_port = dashboard_port
-        self.head = self._start(["--head", "--port", str(self.port), "--num-cpus", str(num_cpus),
-                                 "--resources", json.dumps(resources or {"head": 1}), *dashboard,
-                                 "--temp-dir", str(self.temp_dir)], "head")
+        self._head_args = ["--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {"head": 1}),
+                           *dashboard, "--temp-dir", str(self.temp_dir)]
+        self._head_log_offset = self._log_size("head")
+        self.head = self._start(["--head", "--port", str(self.port), *self._head_args], "head")
 
-    def wait_for_head(self, timeout_s: float = 180) -> None:
-        """Until the head's GCS takes connections (workers started before it give up after ~30 s)."""
+    def wait_for_head(self, timeout_s: float = 180, attempts: int = 3) -> None:
+        """Until the head node is up (workers started before it give up after ~30 s).
+
+        A head that exits first (its GCS port taken between choosing and binding it, or its raylet slow to
+        register on a busy machine) is started again on a fresh port, up to `attempts` times in all."""
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                socket.create_connection((NODE_IP, self.port), timeout=1).close()
+        for attempt in range(attempts):
+            if self._joined(self.head, "head", self._head_log_offset, deadline):
                 return
-            except OSError:
-                if self.head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the head node did not start (logs in {self.temp_dir})") from None
-                time.sleep(0.5)
+            if attempt + 1 < attempts and time.monotonic() < deadline:
+                self.port = _free_port()
+                self._head_log_offset = self._log_size("head")
+                self.head = self._start(["--head", "--port", str(self.port), *self._head_args], "head")
+        raise RuntimeError(f"the head node did not start (logs in {self.temp_dir}); head.log ends:\n"
+                           f"{self._log_tail('head')}")
 
     def add_worker(self, num_cpus: int = 1, resources: dict[str, float] | None = None,
                    timeout_s: float = 240, attempts: int = 3) -> int:
@@ -96,21 +103,38 @@ class LocalCluster:
 
         `ray start` gives up when its raylet takes over 30 s to register (a busy machine): start again."""
         index = len(self.workers)
+        name = f"worker-{index}"
         args = ["--address", self.address, "--num-cpus", str(num_cpus),
                 "--resources", json.dumps(resources or {"llm_node": 1})]
-        log = self.temp_dir / f"worker-{index}.log"
         deadline = time.monotonic() + timeout_s
         for _ in range(attempts):
-            offset = log.stat().st_size if log.exists() else 0
-            proc = self._start(args, f"worker-{index}")
-            while proc.poll() is None and time.monotonic() < deadline:
-                if _JOINED in log.read_bytes()[offset:].decode(errors="replace"):
-                    self.workers.append(proc)
-                    return index
-                time.sleep(0.5)
-            _kill_group(proc, signal.SIGKILL)
-            proc.wait(timeout=10)
-        raise RuntimeError(f"worker node {index} did not join (log: {log})")
+            offset = self._log_size(name)
+            proc = self._start(args, name)
+            if self._joined(proc, name, offset, deadline):
+                self.workers.append(proc)
+                return index
+        raise RuntimeError(f"worker node {index} did not join (logs in {self.temp_dir}); {name}.log ends:\n"
+                           f"{self._log_tail(name)}")
+
+    def _joined(self, proc: subprocess.Popen, name: str, offset: int, deadline: float) -> bool:
+        """Whether `ray start` said its node is up (in its log past `offset`) before exiting or the deadline;
+        a node that did not is killed with everything it started."""
+        log = self.temp_dir / f"{name}.log"
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _JOINED in log.read_bytes()[offset:].decode(errors="replace"):
+                return True
+            time.sleep(0.5)
+        _kill_group(proc, signal.SIGKILL)
+        proc.wait(timeout=10)
+        return False
+
+    def _log_size(self, name: str) -> int:
+        log = self.temp_dir / f"{name}.log"
+        return log.stat().st_size if log.exists() else 0
+
+    def _log_tail(self, name: str, size: int = 2000) -> str:
+        log = self.temp_dir / f"{name}.log"
+        return log.read_bytes()[-size:].decode(errors="replace") if log.exists() else ""
 
     def kill_worker(self, index: int) -> None:
         """Crash a worker node: SIGKILL to its raylet, its workers and everything else it started."""
