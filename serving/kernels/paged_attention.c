@@ -101,6 +101,13 @@ static inline void weighted_sum(float *acc, const float *p, const float *v, int6
     }
 }
 
+/* Ask for the `bytes` at p (whole cache lines) ahead of use. Blocks sit anywhere in the pool, so the
+ * hardware prefetcher, which follows sequential addresses, stalls at every block boundary: the kernel
+ * requests the next block while it computes on the current one. */
+static inline void prefetch_block(const void *p, int64_t bytes) {
+    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 1);
+}
+
 static inline __attribute__((always_inline)) void decode_attention(
         const int quantized, float *out, const float *q, const void *k_cache, const void *v_cache,
         const uint16_t *k_params, const uint16_t *v_params, const int32_t *block_tables,
@@ -152,6 +159,11 @@ static inline __attribute__((always_inline)) void decode_attention(
                 const int64_t slot0 = (int64_t)table[start / block_size] * block_size;
                 const int64_t n = len - start < block_size ? len - start : block_size;
                 if (vector_qk) {
+                    /* The next block's keys, or at the last block the first block's values. */
+                    const int64_t next = start + block_size < len ? start + block_size : 0;
+                    const float *ahead = (const float *)(next ? k_cache : v_cache)
+                        + (int64_t)table[next / block_size] * block_stride + h0 * head_dim;
+                    prefetch_block(ahead, (block_size * slot_stride - (num_kv_heads - heads_per_task) * head_dim) * 4);
                     for (int64_t hh = 0; hh < heads_per_task; hh++) {
                         const float *k = (const float *)k_cache + slot0 * slot_stride + (h0 + hh) * head_dim;
                         for (int64_t g = 0; g < group; g++) {
@@ -211,6 +223,10 @@ static inline __attribute__((always_inline)) void decode_attention(
                 const int64_t slot0 = (int64_t)table[start / block_size] * block_size;
                 const int64_t n = len - start < block_size ? len - start : block_size;
                 if (vector_pv) {
+                    if (start + block_size < len)
+                        prefetch_block((const float *)v_cache + (int64_t)table[(start + block_size) / block_size]
+                                       * block_stride + h0 * head_dim,
+                                       (block_size * slot_stride - (num_kv_heads - heads_per_task) * head_dim) * 4);
                     for (int64_t hh = 0; hh < heads_per_task; hh++) {
                         const float *v = (const float *)v_cache + slot0 * slot_stride + (h0 + hh) * head_dim;
                         for (int64_t g = 0; g < group; g++) {
