@@ -50,19 +50,19 @@ class KVCachePool:
 
 
 def kv_layout(layers: list[Attention], block_size: int, dtype: torch.dtype, device: torch.device,
-              max_model_len: int) -> KVLayout:
+              max_model_len: int, kv_cache_dtype: str = "auto") -> KVLayout:
     first = layers[0]
-    return KVLayout(block_size, first.num_heads, first.num_kv_heads, first.head_dim, dtype, device, max_model_len)
+    return KVLayout(block_size, first.num_heads, first.num_kv_heads, first.head_dim, dtype, device, max_model_len,
+                    kv_cache_dtype)
 
 
-def attach(layers: list[Attention], backend: AttentionBackend, num_blocks: int, kv_cache_dtype: str,
-           layout: KVLayout) -> KVCachePool:
+def attach(layers: list[Attention], backend: AttentionBackend, num_blocks: int, layout: KVLayout) -> KVCachePool:
     """Allocate the pool and give each layer its views and the backend. Zeroed, because attention gathers
     whole blocks and masks the unused slots: garbage there could be NaN (and zero scales dequantize to exact
     zeros)."""
     kvh, head_dim, dtype = layout.num_kv_heads, layout.head_dim, layout.dtype
     shape = (2, len(layers), num_blocks, layout.block_size, kvh)
-    quantized = kv_cache_dtype == "int8"
+    quantized = layout.kv_cache_dtype == "int8"
     entries = zeros((*shape, head_dim), torch.int8 if quantized else dtype, layout.device)
     params = zeros((*shape, 2), kv_quant.PARAM_DTYPE, layout.device) if quantized else None
     for i, layer in enumerate(layers):
@@ -72,8 +72,9 @@ def attach(layers: list[Attention], backend: AttentionBackend, num_blocks: int, 
         else:
             layer.k_cache = QuantizedKV(entries[0, i], params[0, i], dtype)
             layer.v_cache = QuantizedKV(entries[1, i], params[1, i], dtype)
-    return KVCachePool(kv_cache_dtype, num_blocks, layout.block_size,
-                       kv_bytes_per_token(len(layers), kvh, head_dim, kv_cache_dtype, dtype), entries, params)
+    return KVCachePool(layout.kv_cache_dtype, num_blocks, layout.block_size,
+                       kv_bytes_per_token(len(layers), kvh, head_dim, layout.kv_cache_dtype, dtype), entries,
+                       params)
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -78,12 +78,11 @@ def worst_case_sampling(num_rows: int, num_slots: int, vocab_size: int, device: 
 
 
 @contextlib.contextmanager
-def scratch_kv(layers: list[Attention], backend: AttentionBackend, kv_cache_dtype: str,
-               layout: KVLayout) -> Iterator[None]:
+def scratch_kv(layers: list[Attention], backend: AttentionBackend, layout: KVLayout) -> Iterator[None]:
     """The layers on a one-block KV pool for the block (every block table entry of the dummy step is 0),
     then back on the views they had."""
     saved = [(layer.backend, layer.k_cache, layer.v_cache) for layer in layers]
-    kv_cache.attach(layers, backend, 1, kv_cache_dtype, layout)
+    kv_cache.attach(layers, backend, 1, layout)
     try:
         yield
     finally:

@@ -145,7 +145,8 @@ class ModelRunner:
         layers = attention_layers(self.model)
         self.attention_backend = select_backend(config.attention_backend, self.device, self.dtype,
                                                 config.block_size, config.kv_cache_dtype)
-        layout = kv_cache.kv_layout(layers, self.block_size, self.dtype, self.device, max_model_len)
+        self.kv_layout = layout = kv_cache.kv_layout(layers, self.block_size, self.dtype, self.device,
+                                                     max_model_len, config.kv_cache_dtype)
         self.backend = make_backend(self.attention_backend, layout)
         self.step_profile: kv_profile.StepProfile | None = None   # CUDA: the worst-case step the pool is sized after
         pool = (KVPoolSize(config.num_kv_blocks, "num_kv_blocks") if config.num_kv_blocks
@@ -158,8 +159,7 @@ class ModelRunner:
             logger.info("decode runs without CUDA graphs: %s", why)
         # Bucketed decode pads its steps with rows that write one block no sequence owns: one past the pool.
         scratch_blocks = 1 if config.compile or graphs else 0
-        self.kv_pool = kv_cache.attach(layers, self.backend, self.num_kv_blocks + scratch_blocks,
-                                       config.kv_cache_dtype, layout)
+        self.kv_pool = kv_cache.attach(layers, self.backend, self.num_kv_blocks + scratch_blocks, layout)
         logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s%s (%s%s); %s "
                     "attention workspace %.1f MiB", self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
                     self.kv_pool.bytes_per_token, self.kv_pool.nbytes / 2**20, self.device,
@@ -207,8 +207,7 @@ class ModelRunner:
                                block_tables=block_tables, host_cu_seqlens_q=layout.cu_seqlens_q.tolist(),
                                host_seq_lens_k=layout.seq_lens_k.tolist(), num_prefill_seqs=prefills,
                                num_prefill_tokens=sum(num_new[:prefills]))
-        kv_layout = kv_cache.kv_layout(layers, self.block_size, self.dtype, self.device, max_model_len)
-        with kv_profile.scratch_kv(layers, self.backend, config.kv_cache_dtype, kv_layout):
+        with kv_profile.scratch_kv(layers, self.backend, self.kv_layout):
             hidden = forward(self.model, self.backend, positions % self.vocab_size, positions, ctx)
             logits = self.model.compute_logits(hidden.index_select(0, cu_seqlens_q[1:].long() - 1))
             sampling = kv_profile.worst_case_sampling(len(starts), config.max_num_seqs, self.vocab_size,

@@ -29,6 +29,7 @@ class KVLayout:
     dtype: torch.dtype          # what attention computes in (an int8 cache dequantizes to it)
     device: torch.device
     max_model_len: int          # the longest context one sequence can have
+    kv_cache_dtype: str = "auto"  # what the cache holds: "auto" (the model dtype) or "int8" codes with scales
 
     @property
     def max_blocks_per_seq(self) -> int:

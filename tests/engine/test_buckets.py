@@ -68,7 +68,7 @@ def random_kv_model(model_dir, backend_name: str, max_model_len: int):
     name = select_backend(backend_name, torch.device("cpu"), torch.float32, BLOCK)
     layout = kv_cache.kv_layout(layers, BLOCK, torch.float32, torch.device("cpu"), max_model_len)
     backend = make_backend(name, layout)
-    pool = kv_cache.attach(layers, backend, NUM_BLOCKS, "auto", layout)
+    pool = kv_cache.attach(layers, backend, NUM_BLOCKS, layout)
     pool.entries.copy_(torch.randn(pool.entries.shape, generator=torch.Generator().manual_seed(0)))
     pool.entries[:, :, NUM_BLOCKS - 1] = 0
     return model, backend, layout, pool

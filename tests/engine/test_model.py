@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serving.layers.attention import select_backend
-from serving.layers.sdpa_backend import CUDA_POLICY, SdpaBackend
+from serving.layers.sdpa_backend import CUDA_POLICY, KERNEL_PREFILL_MAX_TOKENS, SdpaBackend
 from serving.models.loader import load_model
 from serving.models.tiny import ensure_tiny_checkpoint
 from tests.fixtures.checkpoints import hf_model
@@ -56,6 +56,32 @@ def test_paged_steps_match_transformers(fixture: str, backend: str, request: pyt
     for row, (sid, upto, tok) in enumerate([(0, 5, 7), (1, 27, 8), (2, 281, 9)]):
         expected = reference_logits(hf, seqs[sid][:upto] + [tok])[-1]
         torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
+
+
+def test_cpu_kernel_backend_splits_prefills_by_length(llama_dir: Path) -> None:
+    """In one step of the CPU kernel backend: a prompt longer than KERNEL_PREFILL_MAX_TOKENS goes through SDPA,
+    a short prompt and a chunk after a cached prefix through the kernel (each token a query at its position),
+    with a decode row beside them; every row as transformers computes it."""
+    ours, hf = load_model(llama_dir, torch.float32, torch.device("cpu")), hf_model(llama_dir)
+    gen = torch.Generator().manual_seed(1)
+    long_len = KERNEL_PREFILL_MAX_TOKENS + 40
+    seqs = {i: torch.randint(3, ours.config.vocab_size, (n,), generator=gen).tolist()
+            for i, n in enumerate([long_len, 50, 9, 12])}
+    harness = PagedHarness(ours, num_blocks=48, backend="cpu_kernel")
+    plans = []
+    plan = harness.backend.plan
+    harness.backend.plan = lambda ctx: plans.append(plan(ctx)) or plans[-1]
+    harness.step({1: seqs[1][:30], 2: seqs[2][:8]})
+    logits = harness.step({0: seqs[0], 1: seqs[1][30:], 3: seqs[3], 2: seqs[2][8:]}, num_prefill_seqs=3)
+    [sdpa_prefill] = plans[-1].prefill
+    assert sdpa_prefill.rows == slice(0, long_len) and plans[-1].first_row == 0
+    # The kernel's rows see their position + 1 keys: the chunk after 30 cached tokens, the new prompt, the decode.
+    lens = plans[-1].seq_lens.tolist()
+    assert lens[long_len:] == [*range(31, 51), *range(1, 13), 9]
+    torch.testing.assert_close(logits[:long_len], reference_logits(hf, seqs[0]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[long_len:long_len + 20], reference_logits(hf, seqs[1])[30:], atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[long_len + 20:long_len + 32], reference_logits(hf, seqs[3]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits[-1], reference_logits(hf, seqs[2])[-1], atol=ATOL, rtol=0)
 
 
 def test_sharded_checkpoint_loads_like_single_file(llama_dir: Path, tmp_path: Path) -> None:
