@@ -7,7 +7,7 @@ import torch
 from serving import LLM, SamplingParams
 
 
-def test_compiled_decode_matches_eager_without_recompiles(tiny_chat_dir, monkeypatch):
+def test_compiled_decode_matches_eager_without_recompiles(tiny_chat_dir, llama_alt_dir, monkeypatch):
     # Dynamo's per-code recompile limit below the bucket count (as its default 8 is below max_num_seqs=256's
     # 9 buckets): every bucket must still compile, not fall back to eager.
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
@@ -25,3 +25,7 @@ def test_compiled_decode_matches_eager_without_recompiles(tiny_chat_dir, monkeyp
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == eager
     assert compiled.steps >= 11                  # the decode steps ran compiled
     assert compiled.recompiles_since_warmup == 0
+    # A model of other shapes in the same process (dynamo's limit counts per code object, which both share)
+    # compiles every bucket too.
+    other = LLM(str(llama_alt_dir), compile=True, **common).engine.executor.runner.decode.frames_per_bucket
+    assert other[1] > 0 and other[2] == other[1], other
