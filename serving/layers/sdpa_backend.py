@@ -206,7 +206,7 @@ class SdpaBackend:
 
 # Prefill sequences of up to this many new tokens attend in the native kernel too (float32 caches), each
 # token as a decode query at its position: against gathering the context for SDPA, 1.1-2.5x faster at
-# 32-512 tokens (6 query / 2 KV heads of 64, one sequence), 1.2-1.6x slower from 1024 tokens on, where
+# 32-512 tokens (6 query / 2 KV heads of 64, one sequence), 1.1-1.7x slower at 1024-2048 tokens, where
 # SDPA's blocked matrix products pay off. The kernel's int8 path is scalar and lost to SDPA's dequantizing
 # gather even at 136 tokens: with an int8 cache prefills stay on SDPA.
 KERNEL_PREFILL_MAX_TOKENS = 512
