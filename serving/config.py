@@ -62,7 +62,7 @@ class EngineConfig:
     seed: int = setting(0, "random seed of sampling without a per-request seed")
     attention_backend: str = setting("auto", "auto picks flash_attn on CUDA when installed, cpu_kernel on a "
                                      "float32 CPU model, else sdpa; cpu_kernel is the native CPU kernel "
-                                     "(decodes and prefill chunks of up to 512 tokens)",
+                                     "(decodes, and prefills over short contexts)",
                                      choices=("auto", "sdpa", "flash_attn", "cpu_kernel"))
     kv_cache_dtype: str = setting("auto", "auto: the model dtype; int8: quantized per token and KV head "
                                   "(head_dim + 4 bytes each)", choices=("auto", "int8"))

@@ -204,12 +204,15 @@ class SdpaBackend:
             od.index_copy_(0, tile.rows, o)
 
 
-# Prefill sequences of up to this many new tokens attend in the native kernel too (float32 caches), each
-# token as a decode query at its position: against gathering the context for SDPA, 1.1-2.5x faster at
-# 32-512 tokens (6 query / 2 KV heads of 64, one sequence), 1.1-1.7x slower at 1024-2048 tokens, where
-# SDPA's blocked matrix products pay off. The kernel's int8 path is scalar and lost to SDPA's dequantizing
-# gather even at 136 tokens: with an int8 cache prefills stay on SDPA.
-KERNEL_PREFILL_MAX_TOKENS = 512
+# Prefill chunks whose context's keys and values (one layer's) fit in this many bytes attend in the native
+# kernel too (float32 caches), each token as a decode query at its position: every row re-reads the whole
+# context, which is cheap while it stays in the core's L2 cache. Against gathering the context for SDPA,
+# one sequence: 1.1-2.5x faster at 32-512 tokens with 6 query / 2 KV heads of 64 (512 tokens: 512 KiB),
+# 1.5-3.2x at 32-64 tokens with 64 / 8 heads of 128; slower beyond, where SDPA's blocked matrix products
+# pay off: 1.1-1.7x at 1024-2048 tokens, 1.3-1.5x for 64-256 new tokens after a 1-2 MiB context. The
+# kernel's int8 path is scalar and lost to SDPA's dequantizing gather even at 136 tokens: with an int8
+# cache prefills stay on SDPA.
+KERNEL_PREFILL_MAX_CONTEXT_BYTES = 512 << 10
 
 
 @dataclass
@@ -221,10 +224,10 @@ class KernelPlan:
 
 
 class CpuKernelBackend(SdpaBackend):
-    """Decode rows, and the rows of prefill chunks of up to KERNEL_PREFILL_MAX_TOKENS tokens, through the
-    native paged-attention kernel, which reads each cached key and value in place: float32 entries, or int8
-    codes with their scales (float32 queries either way). It gathers nothing for them. Longer prefill chunks
-    go through SDPA (long queries: matrix products pay off)."""
+    """Decode rows, and the rows of prefill chunks whose context fits KERNEL_PREFILL_MAX_CONTEXT_BYTES, through
+    the native paged-attention kernel, which reads each cached key and value in place: float32 entries, or int8
+    codes with their scales (float32 queries either way). It gathers nothing for them. Prefill chunks over
+    longer contexts go through SDPA (long queries: matrix products pay off)."""
 
     name = "cpu_kernel"
     # A pure decode step's plan is views of the context's device tensors.
@@ -232,7 +235,9 @@ class CpuKernelBackend(SdpaBackend):
 
     def __init__(self, layout: KVLayout, kernel: PagedDecodeAttention):
         self._kernel = kernel
-        self._prefill_max_tokens = KERNEL_PREFILL_MAX_TOKENS if layout.kv_cache_dtype == "auto" else 0
+        # The longest context a prefill chunk may have to take the kernel (0: none do).
+        self._prefill_max_context = (KERNEL_PREFILL_MAX_CONTEXT_BYTES // layout.gathered_bytes_per_token
+                                     if layout.kv_cache_dtype == "auto" else 0)
         super().__init__(layout, CPU_POLICY)
 
     def _gathered_tokens_bound(self) -> int:
@@ -240,7 +245,7 @@ class CpuKernelBackend(SdpaBackend):
 
     def plan(self, ctx: AttentionContext) -> KernelPlan:
         seqs, cu = ctx.num_prefill_seqs, ctx.host_cu_seqlens_q
-        long = [i for i in range(seqs) if cu[i + 1] - cu[i] > self._prefill_max_tokens]
+        long = [i for i in range(seqs) if ctx.host_seq_lens_k[i] > self._prefill_max_context]
         if len(long) == seqs:
             # The decode rows only (a pure decode step's plan: views, nothing computed).
             return KernelPlan(self._prefill_plan(ctx, long), ctx.num_prefill_tokens,

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serving.layers.attention import select_backend
-from serving.layers.sdpa_backend import CUDA_POLICY, KERNEL_PREFILL_MAX_TOKENS, SdpaBackend
+from serving.layers import sdpa_backend
+from serving.layers.sdpa_backend import CUDA_POLICY, SdpaBackend
 from serving.models.loader import load_model
 from serving.models.tiny import ensure_tiny_checkpoint
 from tests.fixtures.checkpoints import hf_model
@@ -58,30 +59,35 @@ def test_paged_steps_match_transformers(fixture: str, backend: str, request: pyt
         torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
 
 
-def test_cpu_kernel_backend_splits_prefills_by_length(llama_dir: Path) -> None:
-    """In one step of the CPU kernel backend: a prompt longer than KERNEL_PREFILL_MAX_TOKENS goes through SDPA,
-    a short prompt and a chunk after a cached prefix through the kernel (each token a query at its position),
-    with a decode row beside them; every row as transformers computes it."""
+def test_cpu_kernel_backend_splits_prefills_by_context(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In one step of the CPU kernel backend: prefill chunks whose context exceeds the kernel's bound (a long
+    prompt, and a short chunk after a long cached prefix) go through SDPA; a short prompt and a chunk after a
+    short prefix through the kernel (each token a query at its position), with a decode row beside them;
+    every row as transformers computes it."""
     ours, hf = load_model(llama_dir, torch.float32, torch.device("cpu")), hf_model(llama_dir)
+    bound = 256                                 # tokens, in place of the default's 1024 for this model's heads
+    layout = PagedHarness(ours, backend="cpu_kernel").layout
+    monkeypatch.setattr(sdpa_backend, "KERNEL_PREFILL_MAX_CONTEXT_BYTES", bound * layout.gathered_bytes_per_token)
+    harness = PagedHarness(ours, backend="cpu_kernel")
     gen = torch.Generator().manual_seed(1)
-    long_len = KERNEL_PREFILL_MAX_TOKENS + 40
     seqs = {i: torch.randint(3, ours.config.vocab_size, (n,), generator=gen).tolist()
-            for i, n in enumerate([long_len, 50, 9, 12])}
-    harness = PagedHarness(ours, num_blocks=48, backend="cpu_kernel")
+            for i, n in enumerate([bound + 40, 50, 9, 12, bound + 30])}
     plans = []
     plan = harness.backend.plan
     harness.backend.plan = lambda ctx: plans.append(plan(ctx)) or plans[-1]
-    harness.step({1: seqs[1][:30], 2: seqs[2][:8]})
-    logits = harness.step({0: seqs[0], 1: seqs[1][30:], 3: seqs[3], 2: seqs[2][8:]}, num_prefill_seqs=3)
-    [sdpa_prefill] = plans[-1].prefill
-    assert sdpa_prefill.rows == slice(0, long_len) and plans[-1].first_row == 0
+    harness.step({1: seqs[1][:30], 2: seqs[2][:8], 4: seqs[4][:bound + 20]})
+    chunks = {0: seqs[0], 1: seqs[1][30:], 4: seqs[4][bound + 20:], 3: seqs[3], 2: seqs[2][8:]}
+    logits = harness.step(chunks, num_prefill_seqs=4)
+    rows = dict(zip(chunks, torch.tensor([len(c) for c in chunks.values()]).cumsum(0).tolist()))
+    starts = {sid: end - len(chunks[sid]) for sid, end in rows.items()}
+    assert [p.rows for p in plans[-1].prefill] == [slice(0, bound + 40), slice(starts[4], rows[4])]
     # The kernel's rows see their position + 1 keys: the chunk after 30 cached tokens, the new prompt, the decode.
     lens = plans[-1].seq_lens.tolist()
-    assert lens[long_len:] == [*range(31, 51), *range(1, 13), 9]
-    torch.testing.assert_close(logits[:long_len], reference_logits(hf, seqs[0]), atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits[long_len:long_len + 20], reference_logits(hf, seqs[1])[30:], atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits[long_len + 20:long_len + 32], reference_logits(hf, seqs[3]), atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits[-1], reference_logits(hf, seqs[2])[-1], atol=ATOL, rtol=0)
+    assert lens[starts[1]:rows[1]] == list(range(31, 51))
+    assert lens[starts[3]:] == [*range(1, 13), 9]
+    for sid, cached in [(0, 0), (1, 30), (4, bound + 20), (3, 0), (2, 8)]:
+        torch.testing.assert_close(logits[starts[sid]:rows[sid]], reference_logits(hf, seqs[sid])[cached:],
+                                   atol=ATOL, rtol=0)
 
 
 def test_sharded_checkpoint_loads_like_single_file(llama_dir: Path, tmp_path: Path) -> None:
