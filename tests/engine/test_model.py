@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serving.layers.attention import select_backend
 from serving.layers import sdpa_backend
+from serving.layers.attention import select_backend
 from serving.layers.sdpa_backend import CUDA_POLICY, SdpaBackend
 from serving.models.loader import load_model
 from serving.models.tiny import ensure_tiny_checkpoint
