@@ -121,6 +121,10 @@ static inline __attribute__((always_inline)) void decode_attention(
     const int64_t heads_per_task = num_seqs >= 4 * (int64_t)num_threads ? num_kv_heads : 1;
     const int64_t tasks_per_seq = num_kv_heads / heads_per_task;
     const int64_t rows = heads_per_task * group;   /* query heads per task */
+    /* What one task reads of a block: from its first KV head's entry of the first slot to its last one's of
+     * the last slot (what the vectorised loops prefetch of the next block). */
+    const int64_t task_block_bytes = (block_size * slot_stride - (num_kv_heads - heads_per_task) * head_dim)
+                                     * (int64_t)sizeof(float);
     /* float32 caches with head_dim a multiple of the vector width take the vectorised loops (dot4,
      * weighted_sum); int8 caches and other widths the scalar ones. */
     const int vector_qk = !quantized && head_dim % 8 == 0;
@@ -163,7 +167,7 @@ static inline __attribute__((always_inline)) void decode_attention(
                     const int64_t next = start + block_size < len ? start + block_size : 0;
                     const float *ahead = (const float *)(next ? k_cache : v_cache)
                         + (int64_t)table[next / block_size] * block_stride + h0 * head_dim;
-                    prefetch_block(ahead, (block_size * slot_stride - (num_kv_heads - heads_per_task) * head_dim) * 4);
+                    prefetch_block(ahead, task_block_bytes);
                     for (int64_t hh = 0; hh < heads_per_task; hh++) {
                         const float *k = (const float *)k_cache + slot0 * slot_stride + (h0 + hh) * head_dim;
                         for (int64_t g = 0; g < group; g++) {
@@ -225,8 +229,7 @@ static inline __attribute__((always_inline)) void decode_attention(
                 if (vector_pv) {
                     if (start + block_size < len)
                         prefetch_block((const float *)v_cache + (int64_t)table[(start + block_size) / block_size]
-                                       * block_stride + h0 * head_dim,
-                                       (block_size * slot_stride - (num_kv_heads - heads_per_task) * head_dim) * 4);
+                                       * block_stride + h0 * head_dim, task_block_bytes);
                     for (int64_t hh = 0; hh < heads_per_task; hh++) {
                         const float *v = (const float *)v_cache + slot0 * slot_stride + (h0 + hh) * head_dim;
                         for (int64_t g = 0; g < group; g++) {
