@@ -78,6 +78,10 @@ class LocalCluster:
         self.dashboard_port = dashboard_port
         self._head_args = ["--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {"head": 1}),
                            *dashboard, "--temp-dir", str(self.temp_dir)]
+        self._start_head()
+
+    def _start_head(self) -> None:
+        """`ray start --head` on self.port; what it logs from here on is this start's."""
         self._head_log_offset = self._log_size("head")
         self.head = self._start(["--head", "--port", str(self.port), *self._head_args], "head")
 
@@ -92,8 +96,7 @@ class LocalCluster:
                 return
             if attempt + 1 < attempts and time.monotonic() < deadline:
                 self.port = _free_port()
-                self._head_log_offset = self._log_size("head")
-                self.head = self._start(["--head", "--port", str(self.port), *self._head_args], "head")
+                self._start_head()
         raise RuntimeError(f"the head node did not start (logs in {self.temp_dir}); head.log ends:\n"
                            f"{self._log_tail('head')}")
 

@@ -9,9 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from serving.layers import sdpa_backend
 from serving.layers.attention import select_backend
-from serving.layers.sdpa_backend import CUDA_POLICY, SdpaBackend
+from serving.layers.sdpa_backend import CUDA_POLICY, KERNEL_PREFILL_MAX_CONTEXT_BYTES, SdpaBackend
 from serving.models.loader import load_model
 from serving.models.tiny import ensure_tiny_checkpoint
 from tests.fixtures.checkpoints import hf_model
@@ -59,16 +58,18 @@ def test_paged_steps_match_transformers(fixture: str, backend: str, request: pyt
         torch.testing.assert_close(logits[row], expected, atol=ATOL, rtol=0)
 
 
-def test_cpu_kernel_backend_splits_prefills_by_context(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_kernel_backend_splits_prefills_by_context(llama_dir: Path) -> None:
     """In one step of the CPU kernel backend: prefill chunks whose context exceeds the kernel's bound (a long
     prompt, and a short chunk after a long cached prefix) go through SDPA; a short prompt and a chunk after a
     short prefix through the kernel (each token a query at its position), with a decode row beside them;
     every row as transformers computes it."""
     ours, hf = load_model(llama_dir, torch.float32, torch.device("cpu")), hf_model(llama_dir)
-    bound = 256                                 # tokens, in place of the default's 1024 for this model's heads
-    layout = PagedHarness(ours, backend="cpu_kernel").layout
-    monkeypatch.setattr(sdpa_backend, "KERNEL_PREFILL_MAX_CONTEXT_BYTES", bound * layout.gathered_bytes_per_token)
     harness = PagedHarness(ours, backend="cpu_kernel")
+    # KERNEL_PREFILL_MAX_CONTEXT_BYTES is 1024 tokens of this model's heads, past its position limit: 256 here.
+    bound = 256
+    per_token = harness.layout.gathered_bytes_per_token
+    assert harness.backend._prefill_max_context == KERNEL_PREFILL_MAX_CONTEXT_BYTES // per_token == 1024
+    harness.backend._prefill_max_context = bound
     gen = torch.Generator().manual_seed(1)
     seqs = {i: torch.randint(3, ours.config.vocab_size, (n,), generator=gen).tolist()
             for i, n in enumerate([bound + 40, 50, 9, 12, bound + 30])}
