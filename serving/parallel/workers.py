@@ -31,7 +31,6 @@ import torch.distributed as dist
 from serving.config import EngineConfig
 from serving.parallel.state import destroy_tensor_parallel, get_cpu_group, init_tensor_parallel
 from serving.utils.device import ALL_GPUS_VISIBLE_ENV, ray_cuda_index, resolve_device
-from serving.utils.threads import engine_thread_env
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +219,8 @@ class RayFollowers:
         gpu = resolve_device(spec.config.device).type == "cuda"
         # The bundle reserves each rank's CPUs; the follower itself claims only its GPU, and sees the node's
         # others like the driver rank does (ALL_GPUS_VISIBLE_ENV).
-        env = {**engine_thread_env(), **(ALL_GPUS_VISIBLE_ENV if gpu else {})}
-        actor_cls = ray.remote(num_cpus=0, num_gpus=1 if gpu else 0, runtime_env={"env_vars": env})(_FollowerActor)
+        actor_cls = ray.remote(num_cpus=0, num_gpus=1 if gpu else 0,
+                               runtime_env={"env_vars": ALL_GPUS_VISIBLE_ENV} if gpu else None)(_FollowerActor)
         self.actors, self.runs = [], []
         driver_id = ray.get_runtime_context().get_actor_id()
         for rank in range(1, spec.config.tensor_parallel_size):

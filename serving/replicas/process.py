@@ -7,8 +7,6 @@ from typing import Any
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from serving.utils.threads import engine_thread_env
-
 # Replica code on the replica's own event loop: Ray Serve's default puts it on a thread of its own, which
 # costs a cross-thread hand-off per request and per streamed item. (Routers stay on their own loop: on the
 # caller's loop a burst slips past max_queued_requests.) Set per actor, so it holds on any cluster.
@@ -47,7 +45,6 @@ def node_id() -> str | None:
 def actor_options(num_cpus: float, resources: dict[str, float] | None = None, env: dict[str, str] | None = None,
                   **options: float) -> dict[str, Any]:
     """Ray actor options of a replica: its CPU share, custom resources, and the replica environment (plus
-    `env`): Serve's, and how torch's threads wait (serving/utils/threads.py)."""
+    `env`)."""
     custom = {"resources": dict(resources)} if resources else {}
-    env_vars = {**_REPLICA_ENV, **engine_thread_env(), **(env or {})}
-    return {"num_cpus": num_cpus, **options, **custom, "runtime_env": {"env_vars": env_vars}}
+    return {"num_cpus": num_cpus, **options, **custom, "runtime_env": {"env_vars": {**_REPLICA_ENV, **(env or {})}}}

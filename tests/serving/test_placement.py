@@ -70,15 +70,3 @@ def test_a_gpu_outside_the_visible_ones_is_a_clear_error():
 
     with pytest.raises(RuntimeError, match="GPU 3 assigned by Ray is not among CUDA_VISIBLE_DEVICES=0,1"):
         local_cuda_index("3", "0,1")
-
-
-def test_replicas_threads_sleep_when_waiting_unless_the_operator_chose(monkeypatch):
-    # libgomp reads how its threads wait when the replica's process starts: the actor env is where it goes.
-    base = {"insecure_no_auth": True, "embedding_model": "none"}
-    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-        monkeypatch.delenv(name, raising=False)
-    assert _llm_actor_env(AppConfig(**base))["OMP_WAIT_POLICY"] == "PASSIVE"
-    # An operator's setting where the app is built reaches the replicas (on any node) instead of ours.
-    monkeypatch.setenv("GOMP_SPINCOUNT", "5000")
-    env = _llm_actor_env(AppConfig(**base))
-    assert env["GOMP_SPINCOUNT"] == "5000" and "OMP_WAIT_POLICY" not in env
