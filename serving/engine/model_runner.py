@@ -104,12 +104,14 @@ def step_layout(starts: list[int], num_new: list[int], tables: list[list[int]], 
 
 
 def forward(model: nn.Module, backend: AttentionBackend, input_ids: torch.Tensor, positions: torch.Tensor,
-            ctx: AttentionContext) -> torch.Tensor:
-    """The model's hidden states for one step: the backend plans the step once, then every layer reads it."""
+            ctx: AttentionContext, native: bool = False) -> torch.Tensor:
+    """The model's hidden states for one step: the backend plans the step once, then every layer reads it.
+    `native`: through the model's `native_forward` where it takes the step (eager steps only)."""
     ctx.plan = backend.plan(ctx)
     set_context(ctx)
     try:
-        return model(input_ids, positions)
+        hidden = model.native_forward(input_ids, positions) if native else None
+        return model(input_ids, positions) if hidden is None else hidden
     finally:
         reset_context()
 
@@ -338,7 +340,7 @@ class ModelRunner:
         # The step's model forward: bucketed (compiled or a graph replay) where it applies, else eager.
         hidden = self.decode.run(inputs.input_ids, inputs.positions, ctx) if self.decode else None
         if hidden is None:
-            hidden = forward(self.model, self.backend, inputs.input_ids, inputs.positions, ctx)
+            hidden = forward(self.model, self.backend, inputs.input_ids, inputs.positions, ctx, native=True)
         prompt_logprobs = None
         if inputs.prompt_logits_indices is not None:
             prompt_logprobs = self._prompt_logprobs(hidden, inputs)

@@ -33,6 +33,8 @@ _SOURCES = {
     "paged_attention.c": (("paged_decode_attention_f32", 6, 6, 1), ("paged_decode_attention_i8", 8, 6, 1)),
     "small_linear.c": (("small_linear_f32", 4, 3, 0),),
     "fused_ops.c": (("add_rms_norm_f32", 5, 2, 1), ("rotary_f32", 6, 8, 0), ("silu_and_mul_f32", 2, 3, 0)),
+    # Includes the three above (its key hashes every source of the package).
+    "decode_layers.c": (("llama_decode_layers_f32", 10, 9, 2),),
 }
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 # Linked without -ffast-math: linking with it would add crtfastmath.o, whose constructor changes the
@@ -72,8 +74,10 @@ def _library(name: str) -> ctypes.CDLL | None:
         return None
     source = resources.files(__package__) / name
     key = hashlib.sha256()
-    for part in (source.read_bytes(), compiler.encode(), " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode(),
-                 platform.machine().encode(), _cpu_features().encode()):
+    sources = (resources.files(__package__) / other for other in sorted(_SOURCES))
+    for part in (*(s.read_bytes() for s in sources), compiler.encode(),
+                 " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode(), platform.machine().encode(),
+                 _cpu_features().encode()):
         key.update(part)
     target = cache_dir() / "kernels" / f"{name.removesuffix('.c')}-{key.hexdigest()[:16]}.so"
     try:
@@ -148,3 +152,11 @@ def small_linear() -> SmallLinear | None:
         return y
 
     return run
+
+
+@functools.cache
+def llama_decode_layers() -> Callable[..., None] | None:
+    """decode_layers.c's `llama_decode_layers_f32` (raw pointers and sizes, see its header; the caller checks
+    every shape, since the C code trusts them), or None where it cannot be built here."""
+    lib = _library("decode_layers.c")
+    return None if lib is None else lib.llama_decode_layers_f32

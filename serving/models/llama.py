@@ -12,6 +12,8 @@ from serving.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from serving.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from serving.layers.norm import RMSNorm
 from serving.layers.rotary import RotaryEmbedding, split_rotary
+from serving.models.native_decode import NativeDecode
+from serving.utils.context import get_context
 
 
 class LlamaAttention(nn.Module):
@@ -74,6 +76,7 @@ class LlamaModel(nn.Module):
         self.rotary = RotaryEmbedding(config, config.max_position_embeddings)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.native_decode = NativeDecode()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None
@@ -104,6 +107,11 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
+
+    def native_forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """`forward` in one native call for a small float32 CPU decode step (serving/models/native_decode.py),
+        or None where that does not apply. Eager only (not traced by torch.compile)."""
+        return self.model.native_decode(self.model, input_ids, positions, get_context())
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

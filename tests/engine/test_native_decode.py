@@ -1,0 +1,69 @@
+"""The native decode step (serving/models/native_decode.py) against the eager layers: the same tokens and
+bit-identical log-probabilities, and taken only where it applies (parity with transformers is tested on the
+default engine, which takes it, in test_model.py and test_engine.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serving import LLM, SamplingParams
+from serving.kernels import llama_decode_layers
+from serving.models import native_decode
+from tests.fixtures.checkpoints import write_llama_checkpoint
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def gqa64_dir(tmp_path_factory: pytest.TempPathFactory, tiny_chat_dir: Path) -> Path:
+    """head_dim 64 (the attention kernel's vectorised loops), 2 query heads per KV head, 3 layers, untied."""
+    return write_llama_checkpoint(tmp_path_factory.mktemp("gqa64"), tiny_chat_dir, seed=3, hidden_size=256,
+                                  num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+                                  tie_word_embeddings=False)
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the native calls of the engines built after this."""
+    kernel, calls = llama_decode_layers(), []
+    if kernel is None:
+        pytest.skip("no C compiler here")
+
+    def counted(*args):
+        calls.append(args[10])       # the step's rows
+        return kernel(*args)
+
+    monkeypatch.setattr(native_decode, "llama_decode_layers", lambda: counted)
+    return calls
+
+
+def _generate(path: Path, prompts: list[list[int]], **engine_args) -> list:
+    llm = LLM(str(path), num_kv_blocks=256, enable_prefix_caching=False, **engine_args)
+    return [o.outputs[0] for o in llm.generate(prompts, PARAMS)]
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "gqa64_dir"])
+def test_native_steps_are_bit_identical_to_the_eager_layers(fixture: str, request: pytest.FixtureRequest,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = request.getfixturevalue(fixture)
+    calls = _counting(monkeypatch)
+    # Contexts that end inside, and cross, 16-token blocks; decode batches of 6 rows down to 1 (staggered ends).
+    prompts = [list(range(3, 3 + n)) for n in (5, 16, 31, 47, 2, 70)]
+    native = _generate(path, prompts)
+    assert calls and max(calls) == len(prompts), "the decode steps should have run natively"
+    monkeypatch.setattr(native_decode, "NATIVE_DECODE_MAX_ROWS", 0)
+    taken = len(calls)
+    eager = _generate(path, prompts)
+    assert len(calls) == taken
+    for a, b in zip(native, eager):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs == b.logprobs      # floats compared exactly
+
+
+def test_native_step_only_where_it_applies(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _counting(monkeypatch)
+    wide = [list(range(3, 13))] * (native_decode.NATIVE_DECODE_MAX_ROWS + 1)
+    _generate(llama_dir, wide)                      # every decode step has more rows than the native limit
+    _generate(llama_dir, wide[:2], kv_cache_dtype="int8")
+    _generate(llama_dir, wide[:2], attention_backend="sdpa")
+    assert calls == []
