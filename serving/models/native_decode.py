@@ -38,6 +38,7 @@ class _Bound:
         self.intermediate = mlp.down_proj.weight.shape[1]
         self.eps, self.scale = first.input_layernorm.eps, attn.attn.scale
         self.block_size = attn.attn.k_cache.shape[1]
+        self.num_slots = attn.attn.k_cache.shape[0] * self.block_size
         self.final_norm = model.norm.weight
         weights = [w for layer in model.layers for w in (
             layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
@@ -111,12 +112,16 @@ class NativeDecode:
                 and cos.numel() == sin.numel() == rows * bound.head_dim and tables.dim() == 2
                 and tables.dtype == lens.dtype == torch.int32 and slots.dtype == torch.int64):
             return None
+        # The KV writes: index_copy_ refuses a slot outside the pool, the C code would write there.
+        low, high = (int(v) for v in slots.aminmax())
+        if not 0 <= low <= high < bound.num_slots:
+            raise IndexError(f"KV cache slots [{low}, {high}] outside the pool of {bound.num_slots}")
         scratch = torch.empty(rows * bound.scratch_per_row, dtype=torch.float32)
         bound.kernel(hidden.data_ptr(), scratch.data_ptr(), bound.weights, bound.caches,
                      bound.final_norm.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-                     tables.data_ptr(), lens.data_ptr(), rows, bound.num_layers, bound.hidden_size, bound.num_heads, bound.num_kv_heads, bound.head_dim,
-                     bound.intermediate, bound.block_size, tables.shape[1], bound.eps, bound.scale,
-                     torch.get_num_threads())
+                     tables.data_ptr(), lens.data_ptr(), rows, bound.num_layers, bound.hidden_size,
+                     bound.num_heads, bound.num_kv_heads, bound.head_dim, bound.intermediate,
+                     bound.block_size, tables.shape[1], bound.eps, bound.scale, torch.get_num_threads())
         return hidden
 
     def _bind(self, model: nn.Module) -> _Bound | None:

@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from serving import LLM, SamplingParams
 from serving.kernels import llama_decode_layers
 from serving.models import native_decode
+from serving.utils.context import AttentionContext
 from tests.fixtures.checkpoints import write_llama_checkpoint
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=3)
@@ -67,3 +69,25 @@ def test_native_step_only_where_it_applies(llama_dir: Path, monkeypatch: pytest.
     _generate(llama_dir, wide[:2], kv_cache_dtype="int8")
     _generate(llama_dir, wide[:2], attention_backend="sdpa")
     assert calls == []
+
+
+def test_a_slot_outside_the_pool_is_refused_before_the_native_call(llama_dir: Path) -> None:
+    """The eager KV write (index_copy_) raises on a slot past the pool; the C code would write there."""
+    llm = LLM(str(llama_dir), num_kv_blocks=8, enable_prefix_caching=False)
+    model = llm.engine.executor.runner.model.model
+    pool = model.layers[0].self_attn.attn.k_cache
+    slots = pool.shape[0] * pool.shape[1]
+    before = pool.clone()
+
+    def context(slot: int) -> AttentionContext:
+        return AttentionContext(
+            cu_seqlens_q=torch.tensor([0, 1], dtype=torch.int32), seq_lens_k=torch.tensor([1], dtype=torch.int32),
+            slot_mapping=torch.tensor([slot]), block_tables=torch.zeros(1, 1, dtype=torch.int32),
+            host_cu_seqlens_q=[0, 1], host_seq_lens_k=[1], num_prefill_seqs=0, num_prefill_tokens=0)
+
+    ids, positions = torch.tensor([5]), torch.tensor([0])
+    for bad in (slots, -1):
+        with pytest.raises(IndexError, match="outside the pool"):
+            model.native_decode(model, ids, positions, context(bad))
+    assert torch.equal(pool, before)
+    assert model.native_decode(model, ids, positions, context(slots - 1)) is not None
