@@ -36,6 +36,7 @@ from serving.layers.attention import Attention, attention_layers, make_backend, 
 from serving.layers.attention_types import AttentionBackend
 from serving.layers.sampler import Logprobs, Sampler, SamplerOutput, SamplingTensors, gather_logprobs
 from serving.models.loader import load_model, resolve_dtype
+from serving.models.native_decode import NATIVE_DECODE_MAX_ROWS
 from serving.parallel.state import get_tp_world_size
 from serving.utils.context import AttentionContext, reset_context, set_context
 from serving.utils.device import resolve_device
@@ -162,6 +163,9 @@ class ModelRunner:
         # Bucketed decode pads its steps with rows that write one block no sequence owns: one past the pool.
         scratch_blocks = 1 if config.compile or graphs else 0
         self.kv_pool = kv_cache.attach(layers, self.backend, self.num_kv_blocks + scratch_blocks, layout)
+        if self.device.type == "cpu" and self.model.bind_native_decode():
+            logger.info("eager decode steps of up to %d rows run every layer in one native call",
+                        NATIVE_DECODE_MAX_ROWS)
         logger.info("KV cache: %d blocks of %d tokens, %s, %d bytes per token: %.1f MiB on %s%s (%s%s); %s "
                     "attention workspace %.1f MiB", self.num_kv_blocks, self.block_size, config.kv_cache_dtype,
                     self.kv_pool.bytes_per_token, self.kv_pool.nbytes / 2**20, self.device,

@@ -108,6 +108,10 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids, positions)
 
+    def bind_native_decode(self) -> bool:
+        """Whether `native_forward` can take decode steps with the KV cache attached now (see there)."""
+        return self.model.native_decode.bind(self.model)
+
     def native_forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """`forward` in one native call for a small float32 CPU decode step (serving/models/native_decode.py),
         or None where that does not apply. Eager only (not traced by torch.compile)."""

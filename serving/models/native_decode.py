@@ -101,9 +101,9 @@ class NativeDecode:
         rows = input_ids.shape[0]
         if ctx.num_prefill_tokens or not 0 < rows <= NATIVE_DECODE_MAX_ROWS or input_ids.device.type != "cpu":
             return None
-        bound = self._bind(model)
-        if bound is None:
+        if not self.bind(model):
             return None
+        bound = self._bound
         hidden = model.embed_tokens(input_ids)
         cos, sin = model.rotary.lookup(positions, hidden.dtype)
         tables, lens, slots = ctx.block_tables, ctx.seq_lens_k, ctx.slot_mapping
@@ -124,12 +124,13 @@ class NativeDecode:
                      bound.block_size, tables.shape[1], bound.eps, bound.scale, torch.get_num_threads())
         return hidden
 
-    def _bind(self, model: nn.Module) -> _Bound | None:
-        """The model's pointer tables, checked again whenever the KV pool changes (the runner attaches it
-        after loading; a test harness may attach another)."""
+    def bind(self, model: nn.Module) -> bool:
+        """Whether the native step applies to the model as it is now (its pointer tables read, the kernel
+        built); checked again whenever the KV pool changes (the runner attaches it after loading and binds at
+        start, so the kernel's first build is not on a request's path; a test harness may attach another)."""
         cache = model.layers[0].self_attn.attn.k_cache
         if cache is not self._checked_cache:
             self._checked_cache = cache
             kernel = llama_decode_layers() if get_tp_world_size() == 1 and _fits(model) else None
             self._bound = None if kernel is None else _Bound(model, kernel)
-        return self._bound
+        return self._bound is not None
