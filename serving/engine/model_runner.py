@@ -111,7 +111,7 @@ def forward(model: nn.Module, backend: AttentionBackend, input_ids: torch.Tensor
     ctx.plan = backend.plan(ctx)
     set_context(ctx)
     try:
-        hidden = model.native_forward(input_ids, positions) if native else None
+        hidden = model.native_forward(input_ids, positions, ctx) if native else None
         return model(input_ids, positions) if hidden is None else hidden
     finally:
         reset_context()

@@ -13,7 +13,7 @@ from serving.layers.linear import MergedColumnParallelLinear, QKVParallelLinear,
 from serving.layers.norm import RMSNorm
 from serving.layers.rotary import RotaryEmbedding, split_rotary
 from serving.models.native_decode import NativeDecode
-from serving.utils.context import get_context
+from serving.utils.context import AttentionContext
 
 
 class LlamaAttention(nn.Module):
@@ -112,10 +112,11 @@ class LlamaForCausalLM(nn.Module):
         """Whether `native_forward` can take decode steps with the KV cache attached now (see there)."""
         return self.model.native_decode.bind(self.model)
 
-    def native_forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+    def native_forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       ctx: AttentionContext) -> torch.Tensor | None:
         """`forward` in one native call for a small float32 CPU decode step (serving/models/native_decode.py),
         or None where that does not apply. Eager only (not traced by torch.compile)."""
-        return self.model.native_decode(self.model, input_ids, positions, get_context())
+        return self.model.native_decode(self.model, input_ids, positions, ctx)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head.compute_logits(hidden)

@@ -50,7 +50,7 @@ class _Bound:
         self.caches = (ctypes.c_void_p * len(caches))(*(c.data_ptr() for c in caches))
         self.num_layers = len(model.layers)
         e, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.scratch_per_row = 3 * e + q + 2 * kv + 2 * q + 3 * self.intermediate
+        self.scratch_per_row = 3 * e + (q + 2 * kv) + 2 * q + 3 * self.intermediate   # decode_layers.c
 
 
 def _fits(model: nn.Module) -> bool:
