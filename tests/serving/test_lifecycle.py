@@ -2,6 +2,7 @@
 flight, and an engine that stops making progress fails its health check (/health 503) until Ray replaces it."""
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -66,19 +67,34 @@ def test_rolling_update_drains_then_stalled_engine_is_replaced(serving_stack):
         replaced = _replicas(url)
         assert replaced and not replaced & before
 
-        # The new replica is healthy while idle, unhealthy while it has work, and Ray replaces it.
+        # The new replica is healthy while idle, unhealthy while it has work, and Ray replaces it. Work is
+        # kept coming until then: one long request can finish (on a fast engine) before Ray's consecutive
+        # failed health checks add up.
         assert _health(url).status_code == 200
-        busy = threading.Thread(target=lambda: httpx.post(
-            f"{url}/v1/completions", headers=headers, timeout=120,
-            json={"model": serving_stack.model, "prompt": "Busy", "max_tokens": 2000, "ignore_eos": True}))
+        replacing = threading.Event()
+
+        def keep_busy() -> None:
+            while not replacing.is_set():
+                # Refused (503) or cut off while the replica is replaced: the next request follows shortly.
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.post(f"{url}/v1/completions", headers=headers, timeout=120,
+                               json={"model": serving_stack.model, "prompt": "Busy", "max_tokens": 2000,
+                                     "ignore_eos": True})
+                replacing.wait(0.1)
+
+        busy = threading.Thread(target=keep_busy)
         busy.start()
-        seen: list[httpx.Response] = []
-        _wait(lambda: seen.append(_health(url)) or seen[-1].status_code == 503, 30, "/health to report the stall")
-        unhealthy = seen[-1]
-        assert int(unhealthy.headers["Retry-After"]) >= 1
-        assert {r.get("error") for r in unhealthy.json()["replicas"]} & {"EngineStalledError", "RayActorError",
-                                                                         "ActorDiedError"}
-        _wait(lambda: bool(_replicas(url)) and not _replicas(url) & replaced, 90, "Ray to replace the replica")
+        try:
+            seen: list[httpx.Response] = []
+            _wait(lambda: seen.append(_health(url)) or seen[-1].status_code == 503, 30,
+                  "/health to report the stall")
+            unhealthy = seen[-1]
+            assert int(unhealthy.headers["Retry-After"]) >= 1
+            assert {r.get("error") for r in unhealthy.json()["replicas"]} & {"EngineStalledError", "RayActorError",
+                                                                             "ActorDiedError"}
+            _wait(lambda: bool(_replicas(url)) and not _replicas(url) & replaced, 90, "Ray to replace the replica")
+        finally:
+            replacing.set()
         # The deployment recovers. Not necessarily at the first look: the router may still hand the busy
         # request (if it had not started) to the replacement, which then stalls and is replaced in turn.
         _wait(lambda: _health(url).status_code == 200, 90, "a healthy replacement replica")
