@@ -27,8 +27,9 @@ async def test_overload_gets_503_with_retry_after_and_nothing_else(serving_stack
     # Two replicas admit max_num_seqs + max_waiting_requests each; the ingress's handle holds router_queue
     # more. Everything beyond is refused at once.
     capacity = 2 * config.replica_capacity + config.router_queue
-    # Long enough that no request finishes (and frees its place) while the burst is still arriving.
-    body = {"model": serving_stack.model, "prompt": "Overload", "max_tokens": 400, "ignore_eos": True}
+    # Long enough that no request finishes (and frees its place) while the burst is still arriving, even on
+    # the native decode step (about a millisecond a token here; 4 such requests fit in a replica's KV pool).
+    body = {"model": serving_stack.model, "prompt": "Overload", "max_tokens": 800, "ignore_eos": True}
     async with httpx.AsyncClient(base_url=serving_stack.base_url, headers=serving_stack.headers(),
                                  timeout=120, limits=httpx.Limits(max_connections=100)) as client:
         responses = await asyncio.gather(*(client.post("/v1/completions", json=body)
