@@ -18,6 +18,7 @@ from serving.models.llama import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama",)
+SUPPORTED_ACTIVATIONS = ("silu", "swish")   # the same function under two names
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _PROGRESS_BAR_MIN_BYTES = 1 << 30
 
@@ -35,6 +36,10 @@ def load_config(path: Path) -> LlamaConfig:
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {config.model_type!r} in {path}: supported {SUPPORTED_MODEL_TYPES}")
+    # The MLP is SiLU-gated whatever the config says: another activation would load, run and be wrong.
+    if config.hidden_act not in SUPPORTED_ACTIVATIONS:
+        raise ValueError(f"unsupported hidden_act {config.hidden_act!r} in {path}/config.json: the Llama layers "
+                         f"here compute {' / '.join(SUPPORTED_ACTIVATIONS)}")
     return config
 
 

@@ -119,6 +119,11 @@ def test_missing_weights_and_unknown_model_are_clear_errors(llama_dir: Path, tmp
         load_model(tmp_path, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="config.json"):
         resolve_model(str(tmp_path / "nowhere"))
+    # A Llama whose MLP uses another activation would load and run with SiLU: refused, naming the field.
+    config = json.loads((llama_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match="hidden_act 'gelu'"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"))
 
 
 def _build(root: str) -> str:
