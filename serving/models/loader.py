@@ -1,10 +1,13 @@
-"""Load a Hugging Face Llama checkpoint folder (config.json + one or sharded *.safetensors) onto one
-tensor-parallel rank: each parameter's weight_loader reads only that rank's slice from disk."""
+"""Load a Hugging Face Llama checkpoint folder (config.json + one or sharded *.safetensors, or PyTorch *.bin
+files) onto one tensor-parallel rank: each parameter's weight_loader reads only that rank's slice from disk
+(from a memory-mapped .bin file, only the pages of that slice)."""
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -79,14 +82,34 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / name for name in names]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"no *.safetensors weights in {path} (convert .bin checkpoints with save_pretrained)")
-    return files
+    """The checkpoint's weight files: safetensors where the folder has them, else PyTorch .bin files (older
+    checkpoints), each either listed by an index (sharded) or found by their suffix."""
+    for index_name, pattern in (("model.safetensors.index.json", "*.safetensors"),
+                                ("pytorch_model.bin.index.json", "pytorch_model*.bin")):
+        index = path / index_name
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [path / name for name in names]
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise ValueError(f"no weights in {path}: expected *.safetensors or PyTorch pytorch_model*.bin files")
+
+
+def _checkpoint_tensors(file: Path) -> Iterator[tuple[str, Any]]:
+    """(name, tensor or lazy safetensors slice) of every tensor in one weight file. A .bin file is opened
+    memory-mapped and with weights_only (plain tensors, no arbitrary pickled code)."""
+    if file.suffix == ".safetensors":
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name)
+        return
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:
+        # torch's pre-1.6 (non-zip) format cannot be memory-mapped: read whole.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    yield from state.items()
 
 
 def load_weights(model: LlamaForCausalLM, path: Path) -> None:
@@ -97,12 +120,10 @@ def load_weights(model: LlamaForCausalLM, path: Path) -> None:
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights",
               disable=total_bytes < _PROGRESS_BAR_MIN_BYTES) as progress:
         for file in files:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    if "rotary_emb.inv_freq" in name:
-                        continue
-                    lazy = f.get_slice(name)
-                    loaded.add(_load_one(params, name, lazy))
+            for name, lazy in _checkpoint_tensors(file):
+                if "rotary_emb.inv_freq" in name:
+                    continue
+                loaded.add(_load_one(params, name, lazy))
             progress.update(file.stat().st_size)
     if model.config.tie_word_embeddings:
         loaded.add("lm_head.weight")

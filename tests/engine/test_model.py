@@ -91,21 +91,42 @@ def test_cpu_kernel_backend_splits_prefills_by_context(llama_dir: Path) -> None:
                                    atol=ATOL, rtol=0)
 
 
-def test_sharded_checkpoint_loads_like_single_file(llama_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", ["safetensors", "bin"])
+def test_sharded_checkpoint_loads_like_single_file(llama_dir: Path, tmp_path: Path, suffix: str) -> None:
+    """Sharded with an index, as safetensors or as PyTorch .bin files (older checkpoints)."""
     tensors = load_file(str(llama_dir / "model.safetensors"))
     names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    stem = "model" if suffix == "safetensors" else "pytorch_model"
+    halves = {f"{stem}-00001-of-00002.{suffix}": names[::2], f"{stem}-00002-of-00002.{suffix}": names[1::2]}
     weight_map = {}
     for file, keys in halves.items():
-        save_file({k: tensors[k] for k in keys}, str(tmp_path / file))
+        shard = {k: tensors[k] for k in keys}
+        if suffix == "safetensors":
+            save_file(shard, str(tmp_path / file))
+        else:
+            torch.save(shard, tmp_path / file)
         weight_map.update(dict.fromkeys(keys, file))
-    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / f"{stem}.{suffix}.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
     single = load_model(llama_dir, torch.float32, torch.device("cpu")).state_dict()
     sharded = load_model(tmp_path, torch.float32, torch.device("cpu")).state_dict()
     assert single.keys() == sharded.keys()
     for key in single:
         torch.testing.assert_close(single[key], sharded[key], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_single_bin_checkpoint_loads_like_safetensors(llama_dir: Path, tmp_path: Path, zip_format: bool) -> None:
+    torch.save(load_file(str(llama_dir / "model.safetensors")), tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=zip_format)
+    (tmp_path / "config.json").write_text((llama_dir / "config.json").read_text())
+    reference = load_model(llama_dir, torch.float32, torch.device("cpu")).state_dict()
+    from_bin = load_model(tmp_path, torch.float32, torch.device("cpu")).state_dict()
+    for key in reference:
+        torch.testing.assert_close(reference[key], from_bin[key], atol=0, rtol=0)
+    (tmp_path / "pytorch_model.bin").unlink()
+    with pytest.raises(ValueError, match="no weights"):
+        load_model(tmp_path, torch.float32, torch.device("cpu"))
 
 
 def test_missing_weights_and_unknown_model_are_clear_errors(llama_dir: Path, tmp_path: Path) -> None:
