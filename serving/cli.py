@@ -428,7 +428,8 @@ def dev_main(argv: list[str]) -> int:
     keys_file, key_path = args.dir / "api_keys.json", args.dir / "api_key"
     key, created = _dev_key(keys_file, key_path)
     if created:
-        print(f"Created a development API key (stored in {key_path}, shown only now):\n  {key}", flush=True)
+        # The key itself is never printed (terminal scrollback and CI logs keep it): the file holds it.
+        print(f"Created a development API key in {key_path} (`cat {key_path}` to see it)", flush=True)
 
     def on_ready(base_url: str, config: Any) -> None:
         import httpx
