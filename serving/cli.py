@@ -264,7 +264,23 @@ def _check_auth(args: argparse.Namespace, settings: dict[str, Any]) -> str | Non
     return None
 
 
-def serve_main(argv: list[str], on_ready: Any = None) -> int:
+class ShutdownSignals:
+    """SIGINT and SIGTERM in the server process: the first asks to drain, the second to stop draining and
+    shut down now. `main` installs them first thing: a signal that arrived as a KeyboardInterrupt during the
+    start-up's imports or inside ray.init was swallowed there (the server came up and ran on)."""
+
+    def __init__(self) -> None:
+        self.stop, self.hurry = threading.Event(), threading.Event()
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, *_: Any) -> None:
+        (self.hurry if self.stop.is_set() else self.stop).set()
+
+
+def serve_main(argv: list[str], on_ready: Any = None, signals: ShutdownSignals | None = None) -> int:
     args = _serve_parser().parse_args(argv)
     from serving.app_config import AppConfig
 
@@ -289,6 +305,9 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
     from serving.deployment import build_app
     from serving.replicas.placement import resources_needed
 
+    # A signal while starting takes effect once the application is up (it drains, nothing yet, and exits).
+    signals = signals or ShutdownSignals()
+    signals.install()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.address:
         ray.init(address=args.address)
@@ -296,14 +315,7 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
         # Logical CPUs: at least what the replicas ask for, so fractional shares fit on a small machine.
         ray.init(include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, math.ceil(resources_needed(config))))
-    # First signal: drain. Second: stop draining and shut down now.
-    stop, hurry = threading.Event(), threading.Event()
-
-    def on_signal(*_: Any) -> None:
-        (hurry if stop.is_set() else stop).set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, on_signal)
+    signals.install()   # ray.init sets a SIGTERM handler of its own
     try:
         if args.address:
             # A cluster's clients reach the proxies it was started with (on every node, its load balancer's).
@@ -322,9 +334,9 @@ def serve_main(argv: list[str], on_ready: Any = None) -> int:
               f"{' and ' + config.embedding_model if config.has_embeddings else ''} at {base_url}", flush=True)
         if on_ready is not None:
             on_ready(base_url, config)
-        stop.wait()
+        signals.stop.wait()
         print("mosaic-serve: refusing new requests, draining the ones in flight", flush=True)
-        _drain(config.graceful_shutdown_timeout_s, hurry)
+        _drain(config.graceful_shutdown_timeout_s, signals.hurry)
     finally:
         if args.address:
             serve.delete(APP_NAME)  # leave the cluster's other applications alone
@@ -412,7 +424,7 @@ def curl_line(base_url: str, model: str, key_path: Path) -> str:
             f"-H 'Content-Type: application/json' -d '{body}'")
 
 
-def dev_main(argv: list[str]) -> int:
+def dev_main(argv: list[str], signals: ShutdownSignals | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mosaic-serve dev", usage="%(prog)s [--port P] [--dir D] [--gateway-port G] [server flags]",
         description="Local development stack (`make serve`): a dev API key and the default models on 127.0.0.1.",
@@ -458,7 +470,7 @@ def dev_main(argv: list[str]) -> int:
         gateway = _start_gateway(args.gateway_port, args.port, key, args.dir)
     try:
         return serve_main(["--host", "127.0.0.1", "--port", str(args.port), "--api-keys-file", str(keys_file),
-                           *rest], on_ready=on_ready)
+                           *rest], on_ready=on_ready, signals=signals)
     finally:
         if gateway is not None:
             os.killpg(gateway.pid, signal.SIGTERM)
@@ -564,9 +576,11 @@ def main(argv: list[str] | None = None) -> int:
         return plan_main(argv[1:])
     if os.environ.get(_SERVER_ENV) != "1":
         return _supervise(argv)
+    signals = ShutdownSignals()
+    signals.install()
     if argv and argv[0] == "dev":
-        return dev_main(argv[1:])
-    return serve_main(argv)
+        return dev_main(argv[1:], signals)
+    return serve_main(argv, signals=signals)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,42 @@ def test_sigint_to_the_group_drains_a_request_and_a_stream(tmp_path: Path):
         if server_session is not None:
             for line in _session_processes(server_session):
                 os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_sigint_while_starting_drains_and_exits_once_up(tmp_path: Path):
+    """Ctrl-C in the first seconds (imports, ray.init) is not lost: the server comes up, drains (nothing yet)
+    and exits, with nothing of its own left running."""
+    keys = tmp_path / "keys.json"
+    add_key(keys, "early")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "--port", str(_free_port()), "--api-keys-file", str(keys),
+         "--embedding-model", "none", "--num-cpus-per-replica", "1"],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(server.stdout), daemon=True)
+    reader.start()
+    server_session = None
+    try:
+        deadline = time.monotonic() + 60
+        while server_session is None:
+            assert server.poll() is None and time.monotonic() < deadline, "".join(log)[-3000:]
+            children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.pid)], capture_output=True,
+                                      text=True).stdout.split()
+            server_session = int(children[0]) if children else None
+            time.sleep(0.2)
+        time.sleep(1.0)   # the server process is importing or starting Ray
+        os.killpg(server.pid, signal.SIGINT)
+        assert server.wait(180) == 0, "".join(log)[-3000:]
+        reader.join(10)
+        assert "drained: no request in flight" in "".join(log)
+        assert _session_processes(server_session) == []
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        if server_session is not None:
+            for line in _session_processes(server_session):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
