@@ -307,7 +307,6 @@ def serve_main(argv: list[str], on_ready: Any = None, signals: ShutdownSignals |
 
     # A signal while starting takes effect once the application is up (it drains, nothing yet, and exits).
     signals = signals or ShutdownSignals()
-    signals.install()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if args.address:
         ray.init(address=args.address)
@@ -315,7 +314,7 @@ def serve_main(argv: list[str], on_ready: Any = None, signals: ShutdownSignals |
         # Logical CPUs: at least what the replicas ask for, so fractional shares fit on a small machine.
         ray.init(include_dashboard=False,
                  num_cpus=max(os.cpu_count() or 1, math.ceil(resources_needed(config))))
-    signals.install()   # ray.init sets a SIGTERM handler of its own
+    signals.install()   # (again, for main's: ray.init sets a SIGTERM handler of its own)
     try:
         if args.address:
             # A cluster's clients reach the proxies it was started with (on every node, its load balancer's).

@@ -34,6 +34,36 @@ def _session_processes(sid: int) -> list[str]:
     return [line for line in out.splitlines() if int(line.split()[1]) == sid]
 
 
+def _start_server(keys: Path, port: int, *flags: str) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`mosaic-serve` in its own process group, like a command started from a terminal; its output
+    accumulates in the returned list, read by the returned thread until the server's output closes."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    server = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "--port", str(port), "--api-keys-file", str(keys),
+         "--embedding-model", "none", "--num-cpus-per-replica", "1", *flags],
+        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log: list[str] = []
+    reader = threading.Thread(target=lambda: log.extend(server.stdout), daemon=True)
+    reader.start()
+    return server, log, reader
+
+
+def _server_session(server: subprocess.Popen) -> int | None:
+    """The session of the server process proper: the supervisor's child, in a session of its own."""
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.pid)], capture_output=True, text=True)
+    return int(children.stdout.split()[0]) if children.stdout.split() else None
+
+
+def _kill_everything(server: subprocess.Popen, server_session: int | None) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGKILL)
+    if server_session is not None:
+        for line in _session_processes(server_session):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
 def _in_flight(base: str) -> float:
     samples = scrape(base)
     return sum(value for _, value in samples.get("mosaic_replica_in_flight_requests", []))
@@ -44,18 +74,7 @@ def test_sigint_to_the_group_drains_a_request_and_a_stream(tmp_path: Path):
     keys = tmp_path / "keys.json"
     key = add_key(keys, "drain")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    # Its own process group, like a command started from a terminal.
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "--port", str(port), "--api-keys-file", str(keys),
-         "--embedding-model", "none", "--num-cpus-per-replica", "1", "--max-num-seqs", "4",
-         "--graceful-shutdown-timeout", "120"],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(server.stdout), daemon=True)
-    reader.start()
+    server, log, reader = _start_server(keys, port, "--max-num-seqs", "4", "--graceful-shutdown-timeout", "120")
     base, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"}
     body = {"model": "tiny-llama-2-chat", "prompt": "Once upon a time", "max_tokens": MAX_TOKENS,
             "ignore_eos": True, "temperature": 0.0}
@@ -71,9 +90,7 @@ def test_sigint_to_the_group_drains_a_request_and_a_stream(tmp_path: Path):
                 pass
             assert time.monotonic() < deadline, "".join(log)[-3000:]
             time.sleep(1)
-        # The server process proper is the supervisor's child, in a session of its own.
-        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.pid)], capture_output=True, text=True)
-        server_session = int(children.stdout.split()[0])
+        server_session = _server_session(server)
 
         results: dict[str, object] = {}
 
@@ -127,14 +144,11 @@ def test_sigint_to_the_group_drains_a_request_and_a_stream(tmp_path: Path):
         chunks = [json.loads(e) for e in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"
         assert server.wait(180) == 0, "".join(log)[-3000:]
+        reader.join(10)
         assert "drained: no request in flight" in "".join(log)
         assert _session_processes(server_session) == []
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-        if server_session is not None:
-            for line in _session_processes(server_session):
-                os.kill(int(line.split()[0]), signal.SIGKILL)
+        _kill_everything(server, server_session)
 
 
 @pytest.mark.slow
@@ -143,24 +157,13 @@ def test_sigint_while_starting_drains_and_exits_once_up(tmp_path: Path):
     and exits, with nothing of its own left running."""
     keys = tmp_path / "keys.json"
     add_key(keys, "early")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
-    server = subprocess.Popen(
-        [sys.executable, "-m", "serving.cli", "--port", str(_free_port()), "--api-keys-file", str(keys),
-         "--embedding-model", "none", "--num-cpus-per-replica", "1"],
-        env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log: list[str] = []
-    reader = threading.Thread(target=lambda: log.extend(server.stdout), daemon=True)
-    reader.start()
+    server, log, reader = _start_server(keys, _free_port())
     server_session = None
     try:
         deadline = time.monotonic() + 60
         while server_session is None:
             assert server.poll() is None and time.monotonic() < deadline, "".join(log)[-3000:]
-            children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(server.pid)], capture_output=True,
-                                      text=True).stdout.split()
-            server_session = int(children[0]) if children else None
+            server_session = _server_session(server)
             time.sleep(0.2)
         time.sleep(1.0)   # the server process is importing or starting Ray
         os.killpg(server.pid, signal.SIGINT)
@@ -169,8 +172,4 @@ def test_sigint_while_starting_drains_and_exits_once_up(tmp_path: Path):
         assert "drained: no request in flight" in "".join(log)
         assert _session_processes(server_session) == []
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGKILL)
-        if server_session is not None:
-            for line in _session_processes(server_session):
-                os.kill(int(line.split()[0]), signal.SIGKILL)
+        _kill_everything(server, server_session)
