@@ -4,7 +4,7 @@
  * the whole context once more per layer and step, and SDPA's CPU kernel is built for long queries, not the
  * few query heads per KV head of a decode. This reads every key and value once, straight from its block.
  *
- * Two cache formats, one body (`decode_attention`, specialised by a constant flag the compiler folds):
+ * Two cache formats, one body (`attend_task`, specialised by a constant flag the compiler folds):
  *   float32: k/v_cache [num_blocks, block_size, num_kv_heads, head_dim] float32
  *   int8:    k/v_cache the same shape in int8 codes, k/v_params [num_blocks, block_size, num_kv_heads, 2]
  *            float16 bits (scale, zero) with x = scale * code + zero. The int8 kernel reads the codes
@@ -21,8 +21,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
-/* IEEE half -> float, without relying on a compiler's _Float16 support; called once per token and head. */
+/* IEEE half -> float, without relying on a compiler's _Float16 support (or F16C). */
 static inline float half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
@@ -38,245 +41,341 @@ static inline float half_to_float(uint16_t h) {
     return f;
 }
 
-/* The (scale, zero) of one cached token's vector of one KV head. */
-static inline void token_params(const uint16_t *params, int64_t slot, int64_t num_kv_heads, int64_t head,
-                                float *scale, float *zero) {
-    const uint16_t *p = params + (slot * num_kv_heads + head) * 2;
-    *scale = half_to_float(p[0]);
-    *zero = half_to_float(p[1]);
+/* The float16 (scale, zero) pairs of `count` consecutive cached vectors, from params, into dst as floats:
+ * one block's at a time for the vectorised loops. */
+static inline void params_to_float(const uint16_t *params, int64_t count, float *dst) {
+    int64_t i = 0;
+#ifdef __F16C__
+    for (; i + 8 <= 2 * count; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(params + i))));
+#endif
+    for (; i < 2 * count; i++) dst[i] = half_to_float(params[i]);
 }
 
 /* GCC/Clang vector extensions: 8 floats in whatever registers the target has (AVX2 here, two NEON
  * registers on arm64), loaded from any float-aligned address. */
 typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
 
+
 static inline float hsum(v8f x) {
     return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
 
-/* scores[j] = scale * q . k_j for the 4 keys k_j = k + j * stride, head_dim a multiple of 8. Four tokens at
- * a time: four independent accumulations instead of one dependent chain of FMAs per token (a single chain
- * made the float32 kernel latency-bound, ~35 GFLOP/s on 2 threads), and q read once for the four. */
-static inline void dot4(const float *q, const float *k, int64_t stride, int64_t head_dim, float scale,
-                        float *scores) {
-    v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-    for (int64_t d = 0; d < head_dim; d += 8) {
-        const v8f qv = *(const v8f *)(q + d);
-        a0 += qv * *(const v8f *)(k + d);
-        a1 += qv * *(const v8f *)(k + stride + d);
-        a2 += qv * *(const v8f *)(k + 2 * stride + d);
-        a3 += qv * *(const v8f *)(k + 3 * stride + d);
+/* The 8 cache entries from element `offset` as floats: float32 entries, or int8 codes (for the int8 cache
+ * the scales and zeros are applied outside the vector loops, once per token). */
+static inline __attribute__((always_inline)) v8f load8(const int quantized, const void *cache, int64_t offset) {
+    if (quantized) {
+        const int8_t *codes = (const int8_t *)cache + offset;
+#ifdef __AVX2__
+        /* GCC 12 builds __builtin_convertvector's int8 -> float one element at a time. */
+        return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)codes)));
+#else
+        v8f x;
+        for (int j = 0; j < 8; j++) x[j] = codes[j];
+        return x;
+#endif
     }
-    scores[0] = scale * hsum(a0);
-    scores[1] = scale * hsum(a1);
-    scores[2] = scale * hsum(a2);
-    scores[3] = scale * hsum(a3);
+    return *(const v8f *)((const float *)cache + offset);
 }
 
-static inline float dot1(const float *q, const float *k, int64_t head_dim, float scale) {
-    v8f a = {0};
-    for (int64_t d = 0; d < head_dim; d += 8) a += *(const v8f *)(q + d) * *(const v8f *)(k + d);
-    return scale * hsum(a);
+/* One cache entry as a float (the few elements past head_dim's last multiple of 8). */
+static inline __attribute__((always_inline)) float load1(const int quantized, const void *cache, int64_t offset) {
+    return quantized ? (float)((const int8_t *)cache)[offset] : ((const float *)cache)[offset];
 }
 
-/* acc[0:head_dim] += sum_i p[i] * v_i for the n values v_i = v + i * stride, head_dim a multiple of 32: each
- * 32-wide slice of acc stays in registers across the n tokens instead of a load and store per token. */
-static inline void weighted_sum(float *acc, const float *p, const float *v, int64_t stride, int64_t n,
-                                int64_t head_dim) {
-    for (int64_t d = 0; d < head_dim; d += 32) {
-        v8f a0 = *(v8f *)(acc + d), a1 = *(v8f *)(acc + d + 8);
-        v8f a2 = *(v8f *)(acc + d + 16), a3 = *(v8f *)(acc + d + 24);
-        for (int64_t i = 0; i < n; i++) {
-            const float *vi = v + i * stride + d;
-            const float pi = p[i];
-            a0 += pi * *(const v8f *)vi;
-            a1 += pi * *(const v8f *)(vi + 8);
-            a2 += pi * *(const v8f *)(vi + 16);
-            a3 += pi * *(const v8f *)(vi + 24);
+/* Ask for one token's vector of one head (whole cache lines) ahead of use. Blocks sit anywhere in the pool,
+ * so the hardware prefetcher, which follows sequential addresses, stalls at every block boundary: the loops
+ * below request the next block's token i while they compute on the current block's token i, spread over the
+ * block. (Requesting a whole block at once, as before, made the loads behind the burst wait: with llama-prop's
+ * heads from a cold cache the kernel read 16-19 GB/s that way, 26-28 now; benchmarks/attention_kernel.py.) */
+static inline void prefetch_vector(const char *p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 1);
+}
+
+/* The query rows of one KV head's group go through each key and value together, in chunks of up to
+ * ROW_CHUNK rows: every cached vector is loaded (and, int8, converted to floats) once per chunk instead of
+ * once per query row. The same loops serve both formats; only load8 differs. */
+#define ROW_CHUNK 4
+
+/* scores[r * ld + i] = q_r . x_i (before any scale) for the nr (a constant after inlining) rows
+ * q_r = q + r * head_dim and the n entries x_i at element base + i * stride of the cache, head_dim a multiple
+ * of 8 in vectors and the rest one by one; `ahead` (NULL: none) is where the next block's x_0 sits, prefetched
+ * as we go. Two keys
+ * at a time: 2 * nr independent accumulators (at most 8 of the 16 AVX2 registers) instead of one dependent
+ * chain of FMAs per key. */
+static inline __attribute__((always_inline)) void qk_rows(const int quantized, const int nr, const float *q,
+        const void *cache, int64_t base, const char *ahead, int64_t stride, int64_t n, int64_t head_dim,
+        float *scores, int64_t ld) {
+    const int64_t entry = quantized ? 1 : (int64_t)sizeof(float);   /* bytes per element */
+    for (int64_t i = 0; i < n; i += 2) {
+        const int two = i + 1 < n;
+        const int64_t x0 = base + i * stride, x1 = two ? x0 + stride : x0;
+        if (ahead) {
+            prefetch_vector(ahead + i * stride * entry, head_dim * entry);
+            prefetch_vector(ahead + (i + 1) * stride * entry, head_dim * entry);
         }
-        *(v8f *)(acc + d) = a0;
-        *(v8f *)(acc + d + 8) = a1;
-        *(v8f *)(acc + d + 16) = a2;
-        *(v8f *)(acc + d + 24) = a3;
+        v8f a0[ROW_CHUNK] = {{0}}, a1[ROW_CHUNK] = {{0}};
+        int64_t d = 0;
+        for (; d + 8 <= head_dim; d += 8) {
+            const v8f k0 = load8(quantized, cache, x0 + d), k1 = load8(quantized, cache, x1 + d);
+            for (int r = 0; r < nr; r++) {
+                const v8f qv = *(const v8f *)(q + r * head_dim + d);
+                a0[r] += qv * k0;
+                a1[r] += qv * k1;
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            scores[r * ld + i] = hsum(a0[r]);
+            if (two) scores[r * ld + i + 1] = hsum(a1[r]);
+        }
+        if (d < head_dim)
+            for (int r = 0; r < nr; r++)
+                for (int64_t t = d; t < head_dim; t++) {
+                    scores[r * ld + i] += q[r * head_dim + t] * load1(quantized, cache, x0 + t);
+                    if (two) scores[r * ld + i + 1] += q[r * head_dim + t] * load1(quantized, cache, x1 + t);
+                }
     }
 }
 
-/* Ask for the `bytes` at p (whole cache lines) ahead of use. Blocks sit anywhere in the pool, so the
- * hardware prefetcher, which follows sequential addresses, stalls at every block boundary: the kernel
- * requests the next block while it computes on the current one. */
-static inline void prefetch_block(const void *p, int64_t bytes) {
-    for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch((const char *)p + off, 0, 1);
+/* acc_r[0:head_dim] += sum_i p[r * ld + i] * x_i for the nr rows acc_r = acc + r * head_dim and the n entries
+ * x_i at element base + i * stride: each row's slice of 16 (or a last 8) stays in registers across the n tokens
+ * and each entry is loaded once for all rows; elements past the last multiple of 8 go one by one. */
+static inline __attribute__((always_inline)) void pv_rows(const int quantized, const int nr, float *acc,
+        const float *p, int64_t ld, const void *cache, int64_t base, const char *ahead, int64_t stride, int64_t n,
+        int64_t head_dim) {
+    const int64_t entry = quantized ? 1 : (int64_t)sizeof(float);
+    int64_t d = 0;
+    for (; d + 8 <= head_dim; d += 16) {
+        const int two = d + 16 <= head_dim;
+        v8f a0[ROW_CHUNK], a1[ROW_CHUNK];
+        for (int r = 0; r < nr; r++) {
+            a0[r] = *(v8f *)(acc + r * head_dim + d);
+            a1[r] = two ? *(v8f *)(acc + r * head_dim + d + 8) : a0[r];
+        }
+        for (int64_t i = 0; i < n; i++) {
+            if (ahead && d == 0) prefetch_vector(ahead + i * stride * entry, head_dim * entry);
+            const int64_t x = base + i * stride + d;
+            const v8f v0 = load8(quantized, cache, x), v1 = two ? load8(quantized, cache, x + 8) : v0;
+            for (int r = 0; r < nr; r++) {
+                const float pr = p[r * ld + i];
+                a0[r] += pr * v0;
+                a1[r] += pr * v1;
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            *(v8f *)(acc + r * head_dim + d) = a0[r];
+            if (two) *(v8f *)(acc + r * head_dim + d + 8) = a1[r];
+        }
+    }
+    for (d = head_dim & ~(int64_t)7; d < head_dim; d++)
+        for (int64_t i = 0; i < n; i++) {
+            const float x = load1(quantized, cache, base + i * stride + d);
+            for (int r = 0; r < nr; r++) acc[r * head_dim + d] += p[r * ld + i] * x;
+        }
 }
 
-static inline __attribute__((always_inline)) void decode_attention(
-        const int quantized, float *out, const float *q, const void *k_cache, const void *v_cache,
+/* The two above for `rows` query rows in chunks of ROW_CHUNK, each chunk size a constant to the compiler;
+ * the first chunk prefetches. */
+static inline __attribute__((always_inline)) void qk_group(const int quantized, const float *q, int64_t rows,
+        const void *cache, int64_t base, const char *ahead, int64_t stride, int64_t n, int64_t head_dim,
+        float *scores, int64_t ld) {
+    for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK, ahead = NULL) {
+        const float *qc = q + r0 * head_dim;
+        float *sc = scores + r0 * ld;
+        switch (rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK) {
+            case 1: qk_rows(quantized, 1, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
+            case 2: qk_rows(quantized, 2, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
+            case 3: qk_rows(quantized, 3, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
+            default: qk_rows(quantized, 4, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void pv_group(const int quantized, float *acc, int64_t rows,
+        const float *p, int64_t ld, const void *cache, int64_t base, const char *ahead, int64_t stride, int64_t n,
+        int64_t head_dim) {
+    for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK, ahead = NULL) {
+        float *ac = acc + r0 * head_dim;
+        const float *pc = p + r0 * ld;
+        switch (rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK) {
+            case 1: pv_rows(quantized, 1, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
+            case 2: pv_rows(quantized, 2, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
+            case 3: pv_rows(quantized, 3, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
+            default: pv_rows(quantized, 4, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
+        }
+    }
+}
+
+/* One call's shapes and derived sizes, shared by its threads. */
+typedef struct {
+    float *out;
+    const float *q;
+    const void *k_cache, *v_cache;
+    const uint16_t *k_params, *v_params;
+    const int32_t *block_tables, *seq_lens;
+    int64_t num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks;
+    float scale;
+    int64_t group, slot_stride, block_stride, heads_per_task, tasks_per_seq, rows, longest;
+} Attention;
+
+static Attention attention_shapes(float *out, const float *q, const void *k_cache, const void *v_cache,
         const uint16_t *k_params, const uint16_t *v_params, const int32_t *block_tables,
         const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
         int64_t block_size, int64_t max_blocks, float scale, int num_threads) {
-    const int64_t group = num_heads / num_kv_heads;
-    const int64_t slot_stride = num_kv_heads * head_dim;
-    const int64_t block_stride = block_size * slot_stride;
     /* A task is one sequence's KV heads [h0, h0 + heads_per_task): with all of them, a task reads whole
      * slots, contiguous memory the prefetcher streams. Few sequences are split by head to use every thread. */
     const int64_t heads_per_task = num_seqs >= 4 * (int64_t)num_threads ? num_kv_heads : 1;
-    const int64_t tasks_per_seq = num_kv_heads / heads_per_task;
-    const int64_t rows = heads_per_task * group;   /* query heads per task */
-    /* What one task reads of a block: from its first KV head's entry of the first slot to its last one's of
-     * the last slot (what the vectorised loops prefetch of the next block). */
-    const int64_t task_block_bytes = (block_size * slot_stride - (num_kv_heads - heads_per_task) * head_dim)
-                                     * (int64_t)sizeof(float);
-    /* float32 caches with head_dim a multiple of the vector width take the vectorised loops (dot4,
-     * weighted_sum); int8 caches and other widths the scalar ones. */
-    const int vector_qk = !quantized && head_dim % 8 == 0;
-    const int vector_pv = !quantized && head_dim % 32 == 0;
-    int64_t longest = 1;
+    Attention a = {.out = out, .q = q, .k_cache = k_cache, .v_cache = v_cache, .k_params = k_params,
+                   .v_params = v_params, .block_tables = block_tables, .seq_lens = seq_lens,
+                   .num_seqs = num_seqs, .num_heads = num_heads, .num_kv_heads = num_kv_heads,
+                   .head_dim = head_dim, .block_size = block_size, .max_blocks = max_blocks, .scale = scale,
+                   .group = num_heads / num_kv_heads, .slot_stride = num_kv_heads * head_dim,
+                   .block_stride = block_size * num_kv_heads * head_dim, .heads_per_task = heads_per_task,
+                   .tasks_per_seq = num_kv_heads / heads_per_task,
+                   .rows = heads_per_task * (num_heads / num_kv_heads),   /* query heads per task */
+                   .longest = 1};
     for (int64_t s = 0; s < num_seqs; s++)
-        if (seq_lens[s] > longest) longest = seq_lens[s];
+        if (seq_lens[s] > a.longest) a.longest = seq_lens[s];
+    return a;
+}
 
-#pragma omp parallel num_threads(num_threads)
-    {
-        float *scores = malloc(sizeof(float) * rows * longest);   /* [rows, len] of the current task */
-        float *acc = malloc(sizeof(float) * rows * head_dim);
-        float *row_max = malloc(sizeof(float) * rows);
-        float *row_sum = malloc(sizeof(float) * rows);
-        float *q_sum = malloc(sizeof(float) * rows);               /* int8: sum(q) of each query row */
-        float *zero_acc = malloc(sizeof(float) * rows);            /* int8: sum_t p_t * zero_t */
+/* One thread's scratch, for any task of the call. */
+typedef struct {
+    float *scores;        /* [rows, len] of the current task */
+    float *acc;           /* [rows, head_dim] */
+    float *row_max, *row_sum;
+    float *q_sum;         /* int8: sum(q) of each query row */
+    float *zero_acc;      /* int8: sum_t p_t * zero_t of each query row */
+    float *block_params;  /* int8: one block's (scale, zero) [block_size, num_kv_heads, 2] as floats */
+} Workspace;
 
-        /* Dynamic: context lengths differ by orders of magnitude between sequences. */
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < num_seqs * tasks_per_seq; task++) {
-            const int64_t s = task / tasks_per_seq;
-            const int64_t h0 = (task % tasks_per_seq) * heads_per_task;
-            const int64_t len = seq_lens[s];
-            const int32_t *table = block_tables + s * max_blocks;
-            const float *qt = q + (s * num_heads + h0 * group) * head_dim;   /* [rows, head_dim] */
-            for (int64_t r = 0; r < rows; r++) {
-                row_max[r] = -INFINITY;
-                zero_acc[r] = 0.0f;
-                float sum = 0.0f;
-                if (quantized)
-                    for (int64_t d = 0; d < head_dim; d++) sum += qt[r * head_dim + d];
-                q_sum[r] = sum;
-            }
+static Workspace workspace_new(const Attention *a) {
+    Workspace w = {malloc(sizeof(float) * a->rows * a->longest), malloc(sizeof(float) * a->rows * a->head_dim),
+                   malloc(sizeof(float) * a->rows), malloc(sizeof(float) * a->rows),
+                   malloc(sizeof(float) * a->rows), malloc(sizeof(float) * a->rows),
+                   malloc(sizeof(float) * a->block_size * a->num_kv_heads * 2)};
+    return w;
+}
 
-            for (int64_t start = 0; start < len; start += block_size) {
-                const int64_t slot0 = (int64_t)table[start / block_size] * block_size;
-                const int64_t n = len - start < block_size ? len - start : block_size;
-                if (vector_qk) {
-                    /* The next block's keys, or at the last block the first block's values. */
-                    const int64_t next = start + block_size < len ? start + block_size : 0;
-                    const float *ahead = (const float *)(next ? k_cache : v_cache)
-                        + (int64_t)table[next / block_size] * block_stride + h0 * head_dim;
-                    prefetch_block(ahead, task_block_bytes);
-                    for (int64_t hh = 0; hh < heads_per_task; hh++) {
-                        const float *k = (const float *)k_cache + slot0 * slot_stride + (h0 + hh) * head_dim;
-                        for (int64_t g = 0; g < group; g++) {
-                            const int64_t r = hh * group + g;
-                            const float *qr = qt + r * head_dim;
-                            float *sc = scores + r * len + start;
-                            int64_t i = 0;
-                            for (; i + 4 <= n; i += 4) dot4(qr, k + i * slot_stride, slot_stride, head_dim, scale, sc + i);
-                            for (; i < n; i++) sc[i] = dot1(qr, k + i * slot_stride, head_dim, scale);
-                            for (i = 0; i < n; i++)
-                                if (sc[i] > row_max[r]) row_max[r] = sc[i];
-                        }
-                    }
-                    continue;
-                }
+static void workspace_free(Workspace *w) {
+    free(w->scores);
+    free(w->acc);
+    free(w->row_max);
+    free(w->row_sum);
+    free(w->q_sum);
+    free(w->zero_acc);
+    free(w->block_params);
+}
+
+/* One task: `quantized` is a constant in each caller, so each cache format gets its own specialised copy
+ * (the parallel regions sit in the callers: OpenMP outlines a region before inlining, and one region shared
+ * by both formats would test the format inside the inner loops). */
+static inline __attribute__((always_inline)) void attend_task(const int quantized, const Attention *a,
+                                                               Workspace *w, int64_t task) {
+    const int64_t group = a->group, slot_stride = a->slot_stride, block_stride = a->block_stride;
+    const int64_t heads_per_task = a->heads_per_task, tasks_per_seq = a->tasks_per_seq, rows = a->rows;
+    const int64_t num_heads = a->num_heads, num_kv_heads = a->num_kv_heads, head_dim = a->head_dim;
+    const int64_t block_size = a->block_size, max_blocks = a->max_blocks;
+    const float scale = a->scale;
+    const float *q = a->q;
+    float *out = a->out;
+    const void *k_cache = a->k_cache, *v_cache = a->v_cache;
+    const uint16_t *k_params = a->k_params, *v_params = a->v_params;
+    const int32_t *block_tables = a->block_tables, *seq_lens = a->seq_lens;
+    float *scores = w->scores, *acc = w->acc, *row_max = w->row_max, *row_sum = w->row_sum;
+    float *q_sum = w->q_sum, *zero_acc = w->zero_acc, *block_params = w->block_params;
+    const int64_t entry = quantized ? 1 : (int64_t)sizeof(float);   /* bytes per cache element */
+    const int64_t s = task / tasks_per_seq;
+    const int64_t h0 = (task % tasks_per_seq) * heads_per_task;
+    const int64_t len = seq_lens[s];
+    const int32_t *table = block_tables + s * max_blocks;
+    const float *qt = q + (s * num_heads + h0 * group) * head_dim;   /* [rows, head_dim] */
+    for (int64_t r = 0; r < rows; r++) {
+        row_max[r] = -INFINITY;
+        zero_acc[r] = 0.0f;
+        float sum = 0.0f;
+        if (quantized)
+            for (int64_t d = 0; d < head_dim; d++) sum += qt[r * head_dim + d];
+        q_sum[r] = sum;
+    }
+
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t slot0 = (int64_t)table[start / block_size] * block_size;
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        /* The next block's keys, or at the last block the first block's values. */
+        const int64_t next = start + block_size < len ? start + block_size : 0;
+        const char *ahead = (const char *)(next ? k_cache : v_cache)
+            + ((int64_t)table[next / block_size] * block_stride + h0 * head_dim) * entry;
+        if (quantized) {
+            params_to_float(k_params + slot0 * num_kv_heads * 2, n * num_kv_heads, block_params);
+            prefetch_vector((const char *)((next ? k_params : v_params)
+                            + (int64_t)table[next / block_size] * block_size * num_kv_heads * 2),
+                            block_size * num_kv_heads * 2 * (int64_t)sizeof(uint16_t));
+        }
+        for (int64_t hh = 0; hh < heads_per_task; hh++) {
+            qk_group(quantized, qt + hh * group * head_dim, group, k_cache,
+                     slot0 * slot_stride + (h0 + hh) * head_dim, ahead + hh * head_dim * entry,
+                     slot_stride, n, head_dim, scores + hh * group * len + start, len);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t r = hh * group + g;
+                float *sc = scores + r * len + start;
                 for (int64_t i = 0; i < n; i++) {
-                    const int64_t base = (slot0 + i) * slot_stride + h0 * head_dim;
-                    for (int64_t hh = 0; hh < heads_per_task; hh++) {
-                        float k_scale = 1.0f, k_zero = 0.0f;
-                        if (quantized) token_params(k_params, slot0 + i, num_kv_heads, h0 + hh, &k_scale, &k_zero);
-                        for (int64_t g = 0; g < group; g++) {
-                            const int64_t r = hh * group + g;
-                            const float *qr = qt + r * head_dim;
-                            float dot = 0.0f;
-                            if (quantized) {
-                                const int8_t *k = (const int8_t *)k_cache + base + hh * head_dim;
-#pragma omp simd reduction(+ : dot)
-                                for (int64_t d = 0; d < head_dim; d++) dot += qr[d] * (float)k[d];
-                                dot = k_scale * dot + k_zero * q_sum[r];
-                            } else {
-                                const float *k = (const float *)k_cache + base + hh * head_dim;
-#pragma omp simd reduction(+ : dot)
-                                for (int64_t d = 0; d < head_dim; d++) dot += qr[d] * k[d];
-                            }
-                            dot *= scale;
-                            scores[r * len + start + i] = dot;
-                            if (dot > row_max[r]) row_max[r] = dot;
-                        }
-                    }
+                    const float *pair = block_params + (i * num_kv_heads + h0 + hh) * 2;   /* scale, zero */
+                    const float dot = quantized ? pair[0] * sc[i] + pair[1] * q_sum[r] : sc[i];
+                    sc[i] = scale * dot;
+                    if (sc[i] > row_max[r]) row_max[r] = sc[i];
                 }
-            }
-
-            for (int64_t r = 0; r < rows; r++) {
-                float *row = scores + r * len;
-                const float m = row_max[r];
-                float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                for (int64_t t = 0; t < len; t++) {
-                    row[t] = expf(row[t] - m);
-                    sum += row[t];
-                }
-                row_sum[r] = sum;
-            }
-
-            for (int64_t j = 0; j < rows * head_dim; j++) acc[j] = 0.0f;
-            for (int64_t start = 0; start < len; start += block_size) {
-                const int64_t slot0 = (int64_t)table[start / block_size] * block_size;
-                const int64_t n = len - start < block_size ? len - start : block_size;
-                if (vector_pv) {
-                    if (start + block_size < len)
-                        prefetch_block((const float *)v_cache + (int64_t)table[(start + block_size) / block_size]
-                                       * block_stride + h0 * head_dim, task_block_bytes);
-                    for (int64_t hh = 0; hh < heads_per_task; hh++) {
-                        const float *v = (const float *)v_cache + slot0 * slot_stride + (h0 + hh) * head_dim;
-                        for (int64_t g = 0; g < group; g++) {
-                            const int64_t r = hh * group + g;
-                            weighted_sum(acc + r * head_dim, scores + r * len + start, v, slot_stride, n, head_dim);
-                        }
-                    }
-                    continue;
-                }
-                for (int64_t i = 0; i < n; i++) {
-                    const int64_t base = (slot0 + i) * slot_stride + h0 * head_dim;
-                    for (int64_t hh = 0; hh < heads_per_task; hh++) {
-                        float v_scale = 1.0f, v_zero = 0.0f;
-                        if (quantized) token_params(v_params, slot0 + i, num_kv_heads, h0 + hh, &v_scale, &v_zero);
-                        for (int64_t g = 0; g < group; g++) {
-                            const int64_t r = hh * group + g;
-                            const float p = scores[r * len + start + i];
-                            float *a = acc + r * head_dim;
-                            if (quantized) {
-                                const int8_t *v = (const int8_t *)v_cache + base + hh * head_dim;
-                                const float ps = p * v_scale;
-                                zero_acc[r] += p * v_zero;
-#pragma omp simd
-                                for (int64_t d = 0; d < head_dim; d++) a[d] += ps * (float)v[d];
-                            } else {
-                                const float *v = (const float *)v_cache + base + hh * head_dim;
-#pragma omp simd
-                                for (int64_t d = 0; d < head_dim; d++) a[d] += p * v[d];
-                            }
-                        }
-                    }
-                }
-            }
-
-            float *o = out + (s * num_heads + h0 * group) * head_dim;
-            for (int64_t r = 0; r < rows; r++) {
-                const float inv = 1.0f / row_sum[r];
-                for (int64_t d = 0; d < head_dim; d++)
-                    o[r * head_dim + d] = (acc[r * head_dim + d] + zero_acc[r]) * inv;
             }
         }
-        free(scores);
-        free(acc);
-        free(row_max);
-        free(row_sum);
-        free(q_sum);
-        free(zero_acc);
+    }
+
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = scores + r * len;
+        const float m = row_max[r];
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; t++) {
+            row[t] = expf(row[t] - m);
+            sum += row[t];
+        }
+        row_sum[r] = sum;
+    }
+
+    for (int64_t j = 0; j < rows * head_dim; j++) acc[j] = 0.0f;
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t slot0 = (int64_t)table[start / block_size] * block_size;
+        const int64_t n = len - start < block_size ? len - start : block_size;
+        const char *ahead = start + block_size < len ? (const char *)v_cache
+            + ((int64_t)table[(start + block_size) / block_size] * block_stride + h0 * head_dim) * entry
+            : NULL;
+        if (quantized) {
+            params_to_float(v_params + slot0 * num_kv_heads * 2, n * num_kv_heads, block_params);
+            if (ahead)
+                prefetch_vector((const char *)(v_params + (int64_t)table[(start + block_size) / block_size]
+                                               * block_size * num_kv_heads * 2),
+                                block_size * num_kv_heads * 2 * (int64_t)sizeof(uint16_t));
+        }
+        for (int64_t hh = 0; hh < heads_per_task; hh++) {
+            float *p = scores + hh * group * len + start;   /* this head's rows, len apart */
+            if (quantized)
+                /* sum_t p_t x_t = sum_t (p_t * scale_t) codes_t + sum_t p_t * zero_t */
+                for (int64_t g = 0; g < group; g++)
+                    for (int64_t i = 0; i < n; i++) {
+                        const float *pair = block_params + (i * num_kv_heads + h0 + hh) * 2;
+                        zero_acc[hh * group + g] += p[g * len + i] * pair[1];
+                        p[g * len + i] *= pair[0];
+                    }
+            pv_group(quantized, acc + hh * group * head_dim, group, p, len, v_cache,
+                     slot0 * slot_stride + (h0 + hh) * head_dim,
+                     ahead ? ahead + hh * head_dim * entry : NULL, slot_stride, n, head_dim);
+        }
+    }
+
+    float *o = out + (s * num_heads + h0 * group) * head_dim;
+    for (int64_t r = 0; r < rows; r++) {
+        const float inv = 1.0f / row_sum[r];
+        for (int64_t d = 0; d < head_dim; d++)
+            o[r * head_dim + d] = (acc[r * head_dim + d] + zero_acc[r]) * inv;
     }
 }
 
@@ -284,8 +383,17 @@ void paged_decode_attention_f32(float *out, const float *q, const float *k_cache
                                 const int32_t *block_tables, const int32_t *seq_lens, int64_t num_seqs,
                                 int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
                                 int64_t max_blocks, float scale, int num_threads) {
-    decode_attention(0, out, q, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, num_seqs, num_heads,
-                     num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
+    const Attention a = attention_shapes(out, q, k_cache, v_cache, NULL, NULL, block_tables, seq_lens, num_seqs,
+                                         num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale,
+                                         num_threads);
+#pragma omp parallel num_threads(num_threads)
+    {
+        Workspace w = workspace_new(&a);
+        /* Dynamic: context lengths differ by orders of magnitude between sequences. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_seqs * a.tasks_per_seq; task++) attend_task(0, &a, &w, task);
+        workspace_free(&w);
+    }
 }
 
 void paged_decode_attention_i8(float *out, const float *q, const int8_t *k_cache, const int8_t *v_cache,
@@ -293,6 +401,14 @@ void paged_decode_attention_i8(float *out, const float *q, const int8_t *k_cache
                                const int32_t *seq_lens, int64_t num_seqs, int64_t num_heads,
                                int64_t num_kv_heads, int64_t head_dim, int64_t block_size, int64_t max_blocks,
                                float scale, int num_threads) {
-    decode_attention(1, out, q, k_cache, v_cache, k_params, v_params, block_tables, seq_lens, num_seqs,
-                     num_heads, num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
+    const Attention a = attention_shapes(out, q, k_cache, v_cache, k_params, v_params, block_tables, seq_lens,
+                                         num_seqs, num_heads, num_kv_heads, head_dim, block_size, max_blocks,
+                                         scale, num_threads);
+#pragma omp parallel num_threads(num_threads)
+    {
+        Workspace w = workspace_new(&a);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < num_seqs * a.tasks_per_seq; task++) attend_task(1, &a, &w, task);
+        workspace_free(&w);
+    }
 }
