@@ -3,9 +3,9 @@
 `Attention` writes the step's new keys/values into the cache, then hands the query to the runner's backend,
 which attends over each sequence's cached context with the plan the runner made for the step. Backends:
 torch SDPA (CPU, and CUDA without flash-attn; serving/layers/sdpa_backend.py), flash-attn (CUDA;
-flash_backend.py) and, on CPU in float32, SDPA for prefills with a native kernel for decodes. With an int8 KV
-cache (kv_quant) new entries are quantized as they are written; SDPA dequantizes the blocks it gathers and the
-native kernel reads the int8 codes directly.
+flash_backend.py) and, on CPU in float32, a native kernel for decodes and short-context prefills (SDPA for
+the others). With an int8 KV cache (kv_quant) new entries are quantized as they are written; SDPA
+dequantizes the blocks it gathers and the native kernel reads the int8 codes directly.
 """
 from __future__ import annotations
 

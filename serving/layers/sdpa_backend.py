@@ -209,9 +209,9 @@ class SdpaBackend:
 # context, which is cheap while it stays in the core's L2 cache. Against gathering the context for SDPA,
 # one sequence: 1.1-2.5x faster at 32-512 tokens with 6 query / 2 KV heads of 64 (512 tokens: 512 KiB),
 # 1.5-3.2x at 32-64 tokens with 64 / 8 heads of 128; slower beyond, where SDPA's blocked matrix products
-# pay off: 1.1-1.7x at 1024-2048 tokens, 1.3-1.5x for 64-256 new tokens after a 1-2 MiB context. The
-# kernel's int8 path is scalar and lost to SDPA's dequantizing gather even at 136 tokens: with an int8
-# cache prefills stay on SDPA.
+# pay off: 1.1-1.7x at 1024-2048 tokens, 1.3-1.5x for 64-256 new tokens after a 1-2 MiB context. An int8
+# cache takes the same bound in tokens (it counts the dequantized bytes SDPA would gather): one fresh chunk
+# of 32-512 tokens with 6 / 2 heads of 64 took the kernel 1.7-4.8x less time than SDPA's dequantizing gather.
 KERNEL_PREFILL_MAX_CONTEXT_BYTES = 512 << 10
 
 
@@ -235,9 +235,8 @@ class CpuKernelBackend(SdpaBackend):
 
     def __init__(self, layout: KVLayout, kernel: PagedDecodeAttention):
         self._kernel = kernel
-        # The longest context a prefill chunk may have to take the kernel (0: none do).
-        self._prefill_max_context = (KERNEL_PREFILL_MAX_CONTEXT_BYTES // layout.gathered_bytes_per_token
-                                     if layout.kv_cache_dtype == "auto" else 0)
+        # The longest context a prefill chunk may have to take the kernel.
+        self._prefill_max_context = KERNEL_PREFILL_MAX_CONTEXT_BYTES // layout.gathered_bytes_per_token
         super().__init__(layout, CPU_POLICY)
 
     def _gathered_tokens_bound(self) -> int:

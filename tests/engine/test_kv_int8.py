@@ -69,8 +69,9 @@ def test_int8_kernel_matches_attention_on_dequantized_values(num_heads, num_kv_h
 
 
 def test_model_over_int8_cache_on_both_backends(peaked_llama_dir: Path):
-    """Prefill (SDPA over dequantized blocks), a chunk after a cached prefix, then decodes (the kernel reads
-    int8): both backends agree tightly; against the float cache the next tokens mostly agree."""
+    """Prefill, a chunk after a cached prefix, then decodes: the kernel reading the int8 codes (cpu_kernel) and
+    SDPA over dequantized blocks agree to a few quantization steps; against the float cache the next tokens
+    mostly agree on both."""
     model = load_model(peaked_llama_dir, torch.float32, CPU)
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(3, model.config.vocab_size, (200,), generator=gen).tolist()
@@ -85,12 +86,16 @@ def test_model_over_int8_cache_on_both_backends(peaked_llama_dir: Path):
 
     kernel_int8, sdpa_int8 = run("cpu_kernel", "int8"), run("sdpa", "int8")
     exact = run("cpu_kernel", "auto")
-    torch.testing.assert_close(kernel_int8, sdpa_int8, atol=1e-4, rtol=0)
-    agree = (kernel_int8.argmax(-1) == exact.argmax(-1)).float().mean()
-    kl = torch.nn.functional.kl_div(kernel_int8.log_softmax(-1), exact.log_softmax(-1), log_target=True,
-                                    reduction="batchmean")
-    print(f"model top-1 agreement {agree:.3f} KL {kl:.4f}")
-    assert agree >= 0.95 and kl < 0.02, (agree, kl)
+    # The backends attend over the same codes to ~1e-6 (test_int8_kernel_matches_attention_on_dequantized_values),
+    # but a difference that small can carry a later layer's new key across a rounding boundary of the int8
+    # grid, one code one step apart (here one code of layer 1's keys: ~2e-3 in these logits of up to ~34).
+    torch.testing.assert_close(kernel_int8, sdpa_int8, atol=1e-2, rtol=0)
+    for quantized in (kernel_int8, sdpa_int8):
+        agree = (quantized.argmax(-1) == exact.argmax(-1)).float().mean()
+        kl = torch.nn.functional.kl_div(quantized.log_softmax(-1), exact.log_softmax(-1), log_target=True,
+                                        reduction="batchmean")
+        print(f"model top-1 agreement {agree:.3f} KL {kl:.4f}")
+        assert agree >= 0.95 and kl < 0.02, (agree, kl)
 
 
 def test_engine_greedy_tokens_with_int8_kv_follow_the_float_cache(peaked_llama_dir: Path):
