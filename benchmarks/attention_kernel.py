@@ -8,19 +8,26 @@ cache), as a step does between one layer's attention and the same layer's next; 
 Configurations alternate round by round so all see the same machine load; each cell is the median over rounds
 of the median call time, with the range of the round medians.
 
+`--compare-source FILE` adds another version of the kernel's source (for example an older commit's:
+`git show REV:serving/kernels/paged_attention.c > old.c`), built with the same flags, to every round: an A/B
+under the same load.
+
 Shapes: llama-prop's heads (6 query heads, 2 KV heads of 64; benchmarks/throughput.py) for 64 sequences of
 100-384 tokens, and Llama-2-70B's heads per rank at tensor parallelism 8 (8 query heads, 1 KV head of 128)
 for 16 sequences of 1024-2048 tokens.
 
-    python benchmarks/attention_kernel.py            # ~1 minute on 2 cores
+    python benchmarks/attention_kernel.py                          # ~20 s on 2 cores
+    python benchmarks/attention_kernel.py --compare-source old.c   # the current kernel against old.c
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from serving.kernels import paged_decode_attention
+from serving.kernels import PagedDecodeAttention, attention_entry, build_variant, paged_decode_attention
 from serving.layers.kv_quant import quantize
 
 BLOCK_SIZE = 16
@@ -71,7 +78,8 @@ class TorchAttention:
         return out.squeeze(2)
 
 
-def cases(shape: tuple, seed: int) -> tuple[dict[str, Callable[[], object]], dict[str, int], dict]:
+def cases(shape: tuple, seed: int, kernels: dict[str, PagedDecodeAttention],
+          ) -> tuple[dict[str, Callable[[], object]], dict[str, int], dict]:
     heads, kv_heads, head_dim, num_seqs, (lo, hi) = shape
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -87,25 +95,25 @@ def cases(shape: tuple, seed: int) -> tuple[dict[str, Callable[[], object]], dic
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     q = torch.randn(num_seqs, heads, head_dim, generator=gen)
     scale = head_dim**-0.5
-    kernel = paged_decode_attention()
-    out_f32, out_i8 = torch.empty_like(q), torch.empty_like(q)
     tokens = sum(lens)
     torch_attention = TorchAttention(k_cache, tables, seq_lens)
-    runs = {
-        "torch gather + SDPA, float32": lambda: torch_attention(q, k_cache, v_cache, scale),
-        "kernel, float32": lambda: kernel(out_f32, q, k_cache, v_cache, tables, seq_lens, scale),
-        "kernel, int8": lambda: kernel(out_i8, q, k_codes, v_codes, tables, seq_lens, scale, k_params, v_params),
-    }
-    bytes_read = {  # keys and values of every visible token (int8: the codes and 2 float16 per head and token)
-        "torch gather + SDPA, float32": 2 * tokens * kv_heads * head_dim * 4,
-        "kernel, float32": 2 * tokens * kv_heads * head_dim * 4,
-        "kernel, int8": 2 * tokens * kv_heads * (head_dim + 4),
-    }
+    runs = {"torch gather + SDPA, float32": lambda: torch_attention(q, k_cache, v_cache, scale)}
+    # Keys and values of every visible token (int8: the codes and 2 float16 per head and token).
+    float_bytes, int8_bytes = 2 * tokens * kv_heads * head_dim * 4, 2 * tokens * kv_heads * (head_dim + 4)
+    bytes_read = {"torch gather + SDPA, float32": float_bytes}
+    outputs = {}
+    for label, kernel in kernels.items():
+        out_f32, out_i8 = outputs[f"{label}, float32"], outputs[f"{label}, int8"] = (torch.empty_like(q),
+                                                                                    torch.empty_like(q))
+        runs[f"{label}, float32"] = functools.partial(kernel, out_f32, q, k_cache, v_cache, tables, seq_lens,
+                                                      scale)
+        runs[f"{label}, int8"] = functools.partial(kernel, out_i8, q, k_codes, v_codes, tables, seq_lens, scale,
+                                                   k_params, v_params)
+        bytes_read[f"{label}, float32"], bytes_read[f"{label}, int8"] = float_bytes, int8_bytes
     for run in runs.values():
         run()
     reference = torch_attention(q, k_cache, v_cache, scale)
-    check = {"max_abs_diff_float32": (out_f32 - reference).abs().max().item(),
-             "max_abs_diff_int8": (out_i8 - reference).abs().max().item()}
+    check = {f"max_abs_diff {route}": (out - reference).abs().max().item() for route, out in outputs.items()}
     return runs, bytes_read, check
 
 
@@ -125,16 +133,24 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--calls", type=int, default=20, help="timed calls per configuration and round")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare-source", type=Path,
+                        help="another version of serving/kernels/paged_attention.c to time beside the current one")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention_kernel.json")
     args = parser.parse_args()
-    if paged_decode_attention() is None:
+    current = paged_decode_attention()
+    if current is None:
         raise SystemExit("the CPU attention kernel could not be built here (no C compiler or OpenMP)")
+    kernels = {"kernel": current}
+    if args.compare_source:
+        build_dir = tempfile.mkdtemp(prefix="attention-kernel-")
+        other = build_variant("paged_attention.c", args.compare_source, Path(build_dir) / "other.so")
+        kernels[f"kernel ({args.compare_source.name})"] = attention_entry(other)
     flush = torch.ones(128 * 2**20 // 4)
     bandwidth = read_bandwidth()
     print(f"read bandwidth now: {bandwidth / 1e9:.1f} GB/s, torch threads: {torch.get_num_threads()}", flush=True)
     results = []
     for name, shape in SHAPES.items():
-        runs, bytes_read, check = cases(shape, args.seed)
+        runs, bytes_read, check = cases(shape, args.seed, kernels)
         rounds: dict[tuple[str, str], list[float]] = {(run, cache): [] for run in runs for cache in ("warm", "cold")}
         for _ in range(args.rounds):
             for (run, cache), seconds in rounds.items():
@@ -158,7 +174,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.processor() or platform.machine(),
                                     "torch_threads": torch.get_num_threads(), "read_bytes_per_s": bandwidth,
-                                    "rounds": args.rounds, "calls": args.calls, "results": results}, indent=2))
+                                    "rounds": args.rounds, "calls": args.calls,
+                                    "compare_source": str(args.compare_source) if args.compare_source else None,
+                                    "results": results}, indent=2))
     print(f"\nwrote {args.out}")
 
 

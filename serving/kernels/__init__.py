@@ -66,9 +66,33 @@ def _build(compiler: str, source: Path, target: Path) -> None:
         os.replace(lib, target)
 
 
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _bind(lib: ctypes.CDLL, name: str) -> ctypes.CDLL:
+    """Declare the C signatures of source file `name`'s functions on its loaded library."""
+    for function, pointers, ints, floats in _SOURCES[name]:
+        kernel = getattr(lib, function)
+        kernel.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * ints + [ctypes.c_float] * floats
+                           + [ctypes.c_int])
+        kernel.restype = None
+    return lib
+
+
+def build_variant(name: str, source: Path, target: Path) -> ctypes.CDLL:
+    """Another version of kernel file `name` (for example an older commit's, for an A/B benchmark), built
+    from `source` into `target` with the same flags and loaded. Raises where it cannot be built."""
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C compiler found")
+    _build(compiler, source, target)
+    return _bind(ctypes.CDLL(str(target)), name)
+
+
 @functools.cache
 def _library(name: str) -> ctypes.CDLL | None:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = _compiler()
     if compiler is None:
         logger.warning("no C compiler found: %s's kernels fall back to pure torch", name)
         return None
@@ -89,12 +113,7 @@ def _library(name: str) -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("CPU kernels of %s unavailable (%s): using the pure-torch path", name, exc)
         return None
-    for function, pointers, ints, floats in _SOURCES[name]:
-        kernel = getattr(lib, function)
-        kernel.argtypes = ([ctypes.c_void_p] * pointers + [ctypes.c_int64] * ints + [ctypes.c_float] * floats
-                           + [ctypes.c_int])
-        kernel.restype = None
-    return lib
+    return _bind(lib, name)
 
 
 def paged_decode_attention() -> PagedDecodeAttention | None:
@@ -106,8 +125,11 @@ def paged_decode_attention() -> PagedDecodeAttention | None:
     int32, seq_lens [N] int32, all contiguous CPU tensors; it writes out in place.
     """
     lib = _library("paged_attention.c")
-    if lib is None:
-        return None
+    return None if lib is None else attention_entry(lib)
+
+
+def attention_entry(lib: ctypes.CDLL) -> PagedDecodeAttention:
+    """paged_decode_attention's function over a loaded paged_attention.c library."""
 
     def run(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,

@@ -32,6 +32,7 @@ def reference_decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
     (6, 2, 64, 16),      # llama-prop: 3 query rows per KV head, one row chunk
     (4, 2, 40, 16),      # vectorised (a multiple of 8), the weighted sum ends on an 8-wide slice
     (4, 4, 36, 16),      # scalar loops (not a multiple of 8)
+    (12, 1, 64, 16),     # 12 query rows per KV head: several row chunks, the last one partial
 ])
 @pytest.mark.parametrize("num_seqs", [1, 3, 20])   # few sequences split by head; many run whole
 def test_kernel_matches_softmax_attention(num_heads, num_kv_heads, head_dim, block_size, num_seqs):

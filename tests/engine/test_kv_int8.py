@@ -41,7 +41,7 @@ def test_quantize_error_is_half_a_step():
 # 16 and 8 (the vectorised loops, the last with an 8-wide slice) and 36 (the scalar ones); groups of 1-8 rows.
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim", "num_seqs"), [
     (8, 4, 32, 1), (8, 4, 32, 20), (8, 1, 128, 20), (64, 8, 128, 3), (6, 2, 64, 20), (4, 2, 40, 20),
-    (4, 4, 36, 3)])
+    (4, 4, 36, 3), (12, 1, 64, 20)])
 def test_int8_kernel_matches_attention_on_dequantized_values(num_heads, num_kv_heads, head_dim, num_seqs):
     kernel = kernels.paged_decode_attention()
     assert kernel is not None, "the test machine has a C compiler with OpenMP"
