@@ -177,26 +177,26 @@ static inline __attribute__((always_inline)) void pv_rows(const int quantized, c
         }
 }
 
-/* The two above for `rows` query rows in chunks of ROW_CHUNK, each chunk size a constant to the compiler;
- * the first chunk prefetches. */
+/* CALL(nr) for nr = `count` (1..ROW_CHUNK), so that nr is a constant in each inlined copy. */
+#if ROW_CHUNK == 8
+#define WITH_CONSTANT_ROWS(count, CALL) switch (count) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; case 4: CALL(4); break; \
+    case 5: CALL(5); break; case 6: CALL(6); break; case 7: CALL(7); break; default: CALL(8); break; }
+#else
+#define WITH_CONSTANT_ROWS(count, CALL) switch (count) { \
+    case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; default: CALL(4); break; }
+#endif
+
+/* The two above for `rows` query rows in chunks of ROW_CHUNK; the first chunk prefetches. */
 static inline __attribute__((always_inline)) void qk_group(const int quantized, const float *q, int64_t rows,
         const void *cache, int64_t base, const char *ahead, int64_t stride, int64_t n, int64_t head_dim,
         float *scores, int64_t ld) {
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK, ahead = NULL) {
         const float *qc = q + r0 * head_dim;
         float *sc = scores + r0 * ld;
-        switch (rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK) {
-            case 1: qk_rows(quantized, 1, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
-            case 2: qk_rows(quantized, 2, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
-            case 3: qk_rows(quantized, 3, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
-            case 4: qk_rows(quantized, 4, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
-#if ROW_CHUNK == 8
-            case 5: qk_rows(quantized, 5, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
-            case 6: qk_rows(quantized, 6, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
-            case 7: qk_rows(quantized, 7, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
-            case 8: qk_rows(quantized, 8, qc, cache, base, ahead, stride, n, head_dim, sc, ld); break;
-#endif
-        }
+#define QK_ROWS(nr) qk_rows(quantized, nr, qc, cache, base, ahead, stride, n, head_dim, sc, ld)
+        WITH_CONSTANT_ROWS(rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK, QK_ROWS)
+#undef QK_ROWS
     }
 }
 
@@ -206,18 +206,9 @@ static inline __attribute__((always_inline)) void pv_group(const int quantized, 
     for (int64_t r0 = 0; r0 < rows; r0 += ROW_CHUNK, ahead = NULL) {
         float *ac = acc + r0 * head_dim;
         const float *pc = p + r0 * ld;
-        switch (rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK) {
-            case 1: pv_rows(quantized, 1, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
-            case 2: pv_rows(quantized, 2, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
-            case 3: pv_rows(quantized, 3, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
-            case 4: pv_rows(quantized, 4, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
-#if ROW_CHUNK == 8
-            case 5: pv_rows(quantized, 5, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
-            case 6: pv_rows(quantized, 6, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
-            case 7: pv_rows(quantized, 7, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
-            case 8: pv_rows(quantized, 8, ac, pc, ld, cache, base, ahead, stride, n, head_dim); break;
-#endif
-        }
+#define PV_ROWS(nr) pv_rows(quantized, nr, ac, pc, ld, cache, base, ahead, stride, n, head_dim)
+        WITH_CONSTANT_ROWS(rows - r0 < ROW_CHUNK ? rows - r0 : ROW_CHUNK, PV_ROWS)
+#undef PV_ROWS
     }
 }
 
