@@ -143,8 +143,9 @@ def main() -> None:
         raise SystemExit("the CPU attention kernel could not be built here (no C compiler or OpenMP)")
     kernels = {"kernel": current}
     if args.compare_source:
-        build_dir = tempfile.mkdtemp(prefix="attention-kernel-")
-        other = build_variant("paged_attention.c", args.compare_source, Path(build_dir) / "other.so")
+        # The loaded library stays mapped after its file is removed with the folder.
+        with tempfile.TemporaryDirectory(prefix="attention-kernel-") as build_dir:
+            other = build_variant("paged_attention.c", args.compare_source, Path(build_dir) / "other.so")
         kernels[f"kernel ({args.compare_source.name})"] = attention_entry(other)
     flush = torch.ones(128 * 2**20 // 4)
     # Measured between the rounds too: on a shared machine the rate moves, and MBU takes the best seen.

@@ -2,10 +2,13 @@
 backend choice (and its fallback when the kernel cannot be built)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from serving import kernels
+from serving.layers import kv_quant
 from serving.layers.attention import select_backend
 
 
@@ -76,3 +79,22 @@ def test_backend_choice_and_fallback_without_a_compiler(monkeypatch):
             select_backend("cpu_kernel", cpu, torch.float32, 16)
     finally:
         kernels._library.cache_clear()
+
+
+def test_a_variant_build_of_the_kernel_file_computes_the_same(tmp_path: Path):
+    """build_variant (what benchmarks/attention_kernel.py --compare-source uses) builds a given source with the
+    package's flags: built from the package's own file, it gives bit-identical outputs, float32 and int8."""
+    source = Path(kernels.__file__).parent / "paged_attention.c"
+    variant = kernels.attention_entry(kernels.build_variant("paged_attention.c", source, tmp_path / "variant.so"))
+    kernel = kernels.paged_decode_attention()
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache = (torch.randn(32, 16, 2, 64, generator=gen) for _ in range(2))
+    (k_codes, k_params), (v_codes, v_params) = kv_quant.quantize(k_cache), kv_quant.quantize(v_cache)
+    tables = torch.stack([torch.randperm(32, generator=gen)[:8] for _ in range(12)]).to(torch.int32)
+    seq_lens = torch.randint(1, 128, (12,), generator=gen, dtype=torch.int32)
+    q = torch.randn(12, 6, 64, generator=gen)
+    for caches in ((k_cache, v_cache), (k_codes, v_codes, k_params, v_params)):
+        ours, theirs = torch.empty_like(q), torch.empty_like(q)
+        kernel(ours, q, *caches[:2], tables, seq_lens, 0.125, *caches[2:])
+        variant(theirs, q, *caches[:2], tables, seq_lens, 0.125, *caches[2:])
+        assert torch.equal(ours, theirs)
