@@ -17,7 +17,7 @@ Shapes: llama-prop's heads (6 query heads, 2 KV heads of 64; benchmarks/throughp
 100-384 tokens, and Llama-2-70B's heads per rank at tensor parallelism 8 (8 query heads, 1 KV head of 128)
 for 16 sequences of 1024-2048 tokens.
 
-    python benchmarks/attention_kernel.py                          # ~20 s on 2 cores
+    python benchmarks/attention_kernel.py                          # under a minute on 2 cores
     python benchmarks/attention_kernel.py --compare-source old.c   # the current kernel against old.c
 """
 from __future__ import annotations
@@ -104,8 +104,8 @@ def cases(shape: tuple, seed: int, kernels: dict[str, PagedDecodeAttention],
     bytes_read = {"torch gather + SDPA, float32": float_bytes}
     outputs = {}
     for label, kernel in kernels.items():
-        out_f32, out_i8 = outputs[f"{label}, float32"], outputs[f"{label}, int8"] = (torch.empty_like(q),
-                                                                                    torch.empty_like(q))
+        out_f32, out_i8 = torch.empty_like(q), torch.empty_like(q)
+        outputs[f"{label}, float32"], outputs[f"{label}, int8"] = out_f32, out_i8
         runs[f"{label}, float32"] = functools.partial(kernel, out_f32, q, k_cache, v_cache, tables, seq_lens,
                                                       scale)
         runs[f"{label}, int8"] = functools.partial(kernel, out_i8, q, k_codes, v_codes, tables, seq_lens, scale,

@@ -56,7 +56,6 @@ static inline void params_to_float(const uint16_t *params, int64_t count, float 
  * registers on arm64), loaded from any float-aligned address. */
 typedef float v8f __attribute__((vector_size(32), aligned(4), may_alias));
 
-
 static inline float hsum(v8f x) {
     return ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
 }
@@ -98,14 +97,13 @@ static inline void prefetch_vector(const char *p, int64_t bytes) {
 #ifdef __AVX512F__
 #define ROW_CHUNK 8   /* 32 vector registers: the 16 accumulators of 8 rows fit */
 #else
-#define ROW_CHUNK 4   /* 16 (AVX2): chunks of 8 ran int8 caches ~20% slower with AVX2 code */
+#define ROW_CHUNK 4   /* 16 (AVX2): chunks of 8 ran int8 caches ~20% slower there (70B's 8 rows per head) */
 #endif
 
 /* scores[r * ld + i] = q_r . x_i (before any scale) for the nr (a constant after inlining) rows
  * q_r = q + r * head_dim and the n entries x_i at element base + i * stride of the cache, head_dim a multiple
  * of 8 in vectors and the rest one by one; `ahead` (NULL: none) is where the next block's x_0 sits, prefetched
- * as we go. Two keys
- * at a time: 2 * nr independent accumulators instead of one dependent chain of FMAs per key. */
+ * as we go. Two keys at a time: 2 * nr independent accumulators instead of one dependent chain of FMAs per key. */
 static inline __attribute__((always_inline)) void qk_rows(const int quantized, const int nr, const float *q,
         const void *cache, int64_t base, const char *ahead, int64_t stride, int64_t n, int64_t head_dim,
         float *scores, int64_t ld) {

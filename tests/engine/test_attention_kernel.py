@@ -34,7 +34,7 @@ def reference_decode(q, k_cache, v_cache, block_tables, seq_lens, scale):
     (64, 8, 128, 16),    # Llama-2-70B's attention shape
     (6, 2, 64, 16),      # llama-prop: 3 query rows per KV head, one row chunk
     (4, 2, 40, 16),      # vectorised (a multiple of 8), the weighted sum ends on an 8-wide slice
-    (4, 4, 36, 16),      # scalar loops (not a multiple of 8)
+    (4, 4, 36, 16),      # 4 elements past the last multiple of 8: the scalar tails
     (12, 1, 64, 16),     # 12 query rows per KV head: several row chunks, the last one partial
 ])
 @pytest.mark.parametrize("num_seqs", [1, 3, 20])   # few sequences split by head; many run whole

@@ -38,7 +38,8 @@ def test_quantize_error_is_half_a_step():
 
 
 # One sequence is split by head over the threads; 20 run whole sequences per task. Head sizes: multiples of
-# 16 and 8 (the vectorised loops, the last with an 8-wide slice) and 36 (the scalar ones); groups of 1-8 rows.
+# 16 and 8 (the last with an 8-wide slice) and 36 (scalar tails); 1-12 query rows per KV head (12: several
+# row chunks, the last one partial).
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim", "num_seqs"), [
     (8, 4, 32, 1), (8, 4, 32, 20), (8, 1, 128, 20), (64, 8, 128, 3), (6, 2, 64, 20), (4, 2, 40, 20),
     (4, 4, 36, 3), (12, 1, 64, 20)])
