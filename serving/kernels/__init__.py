@@ -32,10 +32,13 @@ logger = logging.getLogger(__name__)
 _SOURCES = {
     "paged_attention.c": (("paged_decode_attention_f32", 6, 6, 1), ("paged_decode_attention_i8", 8, 6, 1)),
     "small_linear.c": (("small_linear_f32", 4, 3, 0),),
-    "fused_ops.c": (("add_rms_norm_f32", 5, 2, 1), ("rotary_f32", 6, 8, 0), ("silu_and_mul_f32", 2, 3, 0)),
+    "fused_ops.c": (("add_rms_norm_f32", 5, 2, 1), ("rotary_f32", 6, 8, 0), ("silu_and_mul_f32", 2, 3, 0),
+                    ("kv_store_i8", 4, 4, 0)),
     # Includes the three above (its key hashes every source of the package).
-    "decode_layers.c": (("llama_decode_layers_f32", 10, 9, 2),),
+    "decode_layers.c": (("llama_decode_layers_f32", 10, 10, 2),),
 }
+# Included by the sources above (part of every library's cache key).
+_HEADERS = ("half.h",)
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 # Linked without -ffast-math: linking with it would add crtfastmath.o, whose constructor changes the
 # floating-point mode of the whole process when the library loads.
@@ -58,7 +61,8 @@ def _build(compiler: str, source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
-        for cmd in ([compiler, *_COMPILE_FLAGS, "-c", str(source), "-o", str(obj)],
+        # -I: the package's headers, also for a variant built from a copy elsewhere (build_variant).
+        for cmd in ([compiler, *_COMPILE_FLAGS, "-I", str(Path(__file__).parent), "-c", str(source), "-o", str(obj)],
                     [compiler, *_LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
             if done.returncode != 0:
@@ -98,7 +102,7 @@ def _library(name: str) -> ctypes.CDLL | None:
         return None
     source = resources.files(__package__) / name
     key = hashlib.sha256()
-    sources = (resources.files(__package__) / other for other in sorted(_SOURCES))
+    sources = (resources.files(__package__) / other for other in (*sorted(_SOURCES), *_HEADERS))
     for part in (*(s.read_bytes() for s in sources), compiler.encode(),
                  " ".join(_COMPILE_FLAGS + _LINK_FLAGS).encode(), platform.machine().encode(),
                  _cpu_features().encode()):

@@ -13,7 +13,9 @@
  *
  * Layouts (contiguous): hidden [m, hidden_size] (in: the embeddings, out: the final norm's output);
  * weights: 6 pointers a layer (input norm [E], Wqkv [(H + 2 KVH) D, E], Wo [E, H D], post norm [E],
- * W[gate|up] [2 I, E], Wd [E, I]); caches: 2 a layer (k, v: [blocks, block_size, KVH, D]); cos, sin [m, D];
+ * W[gate|up] [2 I, E], Wd [E, I]); caches: 2 a layer (k, v: [blocks, block_size, KVH, D] float32), or with
+ * int8_cache 4 a layer (k, v codes [blocks, block_size, KVH, D] int8, then k, v params [blocks, block_size,
+ * KVH, 2] float16: paged_attention.c's int8 format, written by fused_ops.c's kv_store_i8); cos, sin [m, D];
  * slots [m] int64; block_tables [m, max_blocks] int32; seq_lens [m] int32 (after this step's token);
  * scratch m * (3 E + (H + 2 KVH) D + 2 H D + 3 I) floats.
  */
@@ -30,7 +32,7 @@ void llama_decode_layers_f32(float *hidden, float *scratch, const float *const *
                             const int32_t *block_tables, const int32_t *seq_lens, int64_t m,
                             int64_t num_layers, int64_t hidden_size, int64_t num_heads, int64_t num_kv_heads,
                             int64_t head_dim, int64_t intermediate, int64_t block_size, int64_t max_blocks,
-                            float eps, float scale, int num_threads) {
+                            int64_t int8_cache, float eps, float scale, int num_threads) {
     const int64_t e = hidden_size, q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
     const int64_t qkv_size = q_size + 2 * kv_size;
     float *residual = scratch, *x = residual + m * e, *o = x + m * e, *qkv = o + m * e;
@@ -38,7 +40,6 @@ void llama_decode_layers_f32(float *hidden, float *scratch, const float *const *
     float *act = gate_up + 2 * m * intermediate;
     for (int64_t l = 0; l < num_layers; l++) {
         const float *const *w = weights + l * WEIGHTS_PER_LAYER;
-        float *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
         if (l == 0) {
             memcpy(residual, hidden, sizeof(float) * m * e);
             add_rms_norm_f32(x, NULL, hidden, NULL, w[IN_NORM], m, e, eps, num_threads);
@@ -48,12 +49,22 @@ void llama_decode_layers_f32(float *hidden, float *scratch, const float *const *
         small_linear_f32(qkv, x, w[QKV], NULL, m, qkv_size, e, num_threads);
         rotary_f32(q, qkv, qkv + q_size, qkv + q_size, cos, sin, m, num_heads, num_kv_heads, head_dim,
                    qkv_size, q_size, qkv_size, qkv_size, num_threads);
-        for (int64_t t = 0; t < m; t++) {
-            memcpy(k_cache + slots[t] * kv_size, qkv + t * qkv_size + q_size, sizeof(float) * kv_size);
-            memcpy(v_cache + slots[t] * kv_size, qkv + t * qkv_size + q_size + kv_size, sizeof(float) * kv_size);
+        const float *k = qkv + q_size, *v = k + kv_size;
+        if (int8_cache) {
+            void *const *c = (void *const *)caches + 4 * l;
+            kv_store_i8(c[0], c[2], k, slots, m, num_kv_heads, head_dim, qkv_size, num_threads);
+            kv_store_i8(c[1], c[3], v, slots, m, num_kv_heads, head_dim, qkv_size, num_threads);
+            paged_decode_attention_i8(attn, q, c[0], c[1], c[2], c[3], block_tables, seq_lens, m, num_heads,
+                                      num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
+        } else {
+            float *k_cache = caches[2 * l], *v_cache = caches[2 * l + 1];
+            for (int64_t t = 0; t < m; t++) {
+                memcpy(k_cache + slots[t] * kv_size, k + t * qkv_size, sizeof(float) * kv_size);
+                memcpy(v_cache + slots[t] * kv_size, v + t * qkv_size, sizeof(float) * kv_size);
+            }
+            paged_decode_attention_f32(attn, q, k_cache, v_cache, block_tables, seq_lens, m, num_heads,
+                                       num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
         }
-        paged_decode_attention_f32(attn, q, k_cache, v_cache, block_tables, seq_lens, m, num_heads,
-                                   num_kv_heads, head_dim, block_size, max_blocks, scale, num_threads);
         small_linear_f32(o, attn, w[O_PROJ], NULL, m, e, q_size, num_threads);
         add_rms_norm_f32(x, residual, o, residual, w[POST_NORM], m, e, eps, num_threads);
         small_linear_f32(gate_up, x, w[GATE_UP], NULL, m, 2 * intermediate, e, num_threads);

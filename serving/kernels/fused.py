@@ -1,4 +1,5 @@
-"""The fused elementwise kernels of fused_ops.c (residual add + RMSNorm, rotary, SiLU-and-mul) for the layers.
+"""The fused elementwise kernels of fused_ops.c (residual add + RMSNorm, rotary, SiLU-and-mul, the int8 KV
+cache's quantized store) for the layers.
 
 Each function runs its kernel when the inputs fit it (float32 CPU tensors in the layouts below, eager mode,
 a C compiler here) and returns None otherwise, for the layer to compute its torch formula instead: on other
@@ -76,3 +77,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
     out = x.new_empty(x.shape[0], width)
     lib.silu_and_mul_f32(out.data_ptr(), x.data_ptr(), x.shape[0], width, x.stride(0), torch.get_num_threads())
     return out
+
+
+def store_int8_kv(codes: torch.Tensor, params: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Quantize x [T, KVH, D] (float32; rows of [KVH, D] contiguous) into an int8 cache's codes
+    [..., KVH, D] int8 and params [..., KVH, 2] float16 at the flat slots [T] int64, exactly as
+    serving/layers/kv_quant.py's quantize and two index_copy_ calls would. False (nothing written) where the
+    kernel does not fit; IndexError for a slot outside the cache, as index_copy_ raises."""
+    lib = _kernels(x)
+    if lib is None or x.dim() != 3 or not (codes.device.type == params.device.type == slots.device.type == "cpu"):
+        return False
+    tokens, kv_heads, head_dim = x.shape
+    num_slots = codes.numel() // max(kv_heads * head_dim, 1)
+    if not (tokens and x.stride(2) == 1 and x.stride(1) == head_dim and x.stride(0) >= kv_heads * head_dim
+            and codes.dtype == torch.int8 and params.dtype == torch.float16 and slots.dtype == torch.int64
+            and codes.is_contiguous() and params.is_contiguous() and slots.is_contiguous()
+            and codes.shape[-2:] == (kv_heads, head_dim) and params.shape[-2:] == (kv_heads, 2)
+            and params.numel() == num_slots * kv_heads * 2 and slots.shape == (tokens,)):
+        return False
+    low, high = (int(v) for v in slots.aminmax())
+    if not 0 <= low <= high < num_slots:
+        raise IndexError(f"KV cache slots [{low}, {high}] outside the cache of {num_slots}")
+    lib.kv_store_i8(codes.data_ptr(), params.data_ptr(), x.data_ptr(), slots.data_ptr(), tokens, kv_heads,
+                    head_dim, x.stride(0), torch.get_num_threads())
+    return True

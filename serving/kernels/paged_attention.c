@@ -25,21 +25,7 @@
 #include <immintrin.h>
 #endif
 
-/* IEEE half -> float, without relying on a compiler's _Float16 support (or F16C). */
-static inline float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
-    uint32_t bits;
-    if (exponent == 0) {                       /* zero or subnormal: mantissa * 2^-24 */
-        const float f = (float)mantissa * 5.9604644775390625e-8f;
-        return sign ? -f : f;
-    }
-    if (exponent == 31) bits = sign | 0x7f800000u | (mantissa << 13);
-    else bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
+#include "half.h"
 
 /* The float16 (scale, zero) pairs of `count` consecutive cached vectors, from params, into dst as floats:
  * one block's at a time for the vectorised loops. */

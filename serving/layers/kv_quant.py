@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from serving.kernels.fused import store_int8_kv
+
 PARAM_DTYPE = torch.float16   # 2 x 2 bytes beside each token's int8 vector of one KV head (capacity.py counts them)
 _LEVELS = 127
 # The smallest normal float16: a constant vector gets this scale, not 0 (which would divide by zero).
@@ -62,6 +64,8 @@ def dequantize(codes: torch.Tensor, params: torch.Tensor, dtype: torch.dtype,
 def write(cache: torch.Tensor | QuantizedKV, x: torch.Tensor, slots: torch.Tensor) -> None:
     """Store x [T, KVH, D] at the flat cache slots [T] (quantizing it for an int8 cache)."""
     if isinstance(cache, QuantizedKV):
+        if store_int8_kv(cache.codes, cache.params, x, slots):    # float32 on CPU: one native pass
+            return
         codes, params = quantize(x)
         cache.codes.view(-1, *x.shape[1:]).index_copy_(0, slots, codes)
         cache.params.view(-1, x.shape[1], 2).index_copy_(0, slots, params)

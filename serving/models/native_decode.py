@@ -4,9 +4,10 @@ At a decode step of a few rows every op of a layer is short, and the eager layer
 Python between the kernels as in them (llama-prop at batch 1: ~2 ms of a ~4.8 ms token). The native step
 (serving/kernels/decode_layers.c) runs the same kernels in the same order, so its hidden states are
 bit-identical to the eager path's. It applies where the eager path would run exactly those kernels: eager
-float32 on the CPU, one rank, unquantized weights without biases, a float32 KV cache on the native attention
-backend, and a pure decode step of fewer rows than the packed-weight matmuls take; anything else runs the
-layers as before.
+float32 on the CPU, one rank, unquantized weights without biases, a float32 or int8 KV cache on the native
+attention backend, and a pure decode step of fewer rows than the packed-weight matmuls take; anything else
+runs the layers as before. (An int8 cache's eager write is the same native store, kv_quant.write, so the
+codes match too.)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from serving.kernels import llama_decode_layers
+from serving.layers.kv_quant import QuantizedKV
 from serving.layers.packed_weights import PACKED_MIN_ROWS
 from serving.layers.sdpa_backend import CpuKernelBackend
 from serving.parallel.state import get_tp_world_size
@@ -37,14 +39,15 @@ class _Bound:
         self.hidden_size = first.input_layernorm.weight.shape[0]
         self.intermediate = mlp.down_proj.weight.shape[1]
         self.eps, self.scale = first.input_layernorm.eps, attn.attn.scale
+        self.int8_cache = isinstance(attn.attn.k_cache, QuantizedKV)
         self.block_size = attn.attn.k_cache.shape[1]
         self.num_slots = attn.attn.k_cache.shape[0] * self.block_size
         self.final_norm = model.norm.weight
         weights = [w for layer in model.layers for w in (
             layer.input_layernorm.weight, layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
             layer.post_attention_layernorm.weight, layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
-        caches = [c for layer in model.layers
-                  for c in (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)]
+        # Per layer: k, v (float32), or k, v codes then k, v params (int8; decode_layers.c's order).
+        caches = [c for layer in model.layers for c in _cache_tensors(layer.self_attn.attn)]
         self.tensors = [*weights, *caches, self.final_norm]   # alive while their pointers are in use
         self.weights = (ctypes.c_void_p * len(weights))(*(w.data_ptr() for w in weights))
         self.caches = (ctypes.c_void_p * len(caches))(*(c.data_ptr() for c in caches))
@@ -73,14 +76,38 @@ def _fits(model: nn.Module) -> bool:
         if not all(_f32(n.weight) and n.weight.shape == (e,) and n.eps == model.norm.eps
                    for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return False
-        if not (isinstance(core.backend, CpuKernelBackend) and isinstance(core.k_cache, torch.Tensor)
-                and isinstance(core.v_cache, torch.Tensor) and _f32(core.k_cache) and _f32(core.v_cache)
-                and core.k_cache.dim() == 4 and core.k_cache.shape[2:] == (kv_heads, head_dim)
-                and core.v_cache.shape == core.k_cache.shape and core.scale == first.attn.scale
+        if not (isinstance(core.backend, CpuKernelBackend) and _cache_fits(core, first.attn, kv_heads, head_dim)
+                and core.scale == first.attn.scale
                 and (core.num_heads, core.num_kv_heads, core.head_dim) == (heads, kv_heads, head_dim)
                 and (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (heads, kv_heads, head_dim)):
             return False
     return _f32(model.norm.weight)
+
+
+def _cache_tensors(attn: nn.Module) -> tuple[torch.Tensor, ...]:
+    k, v = attn.k_cache, attn.v_cache
+    return (k.codes, v.codes, k.params, v.params) if isinstance(k, QuantizedKV) else (k, v)
+
+
+def _cache_fits(attn: nn.Module, first: nn.Module, kv_heads: int, head_dim: int) -> bool:
+    """A layer's caches in the format of the first layer's, float32 or int8 (QuantizedKV with float16
+    parameters), contiguous [blocks, block_size, KVH, D] (params [..., KVH, 2]), all of one shape."""
+    k, v, first_k = attn.k_cache, attn.v_cache, first.k_cache
+    if isinstance(k, QuantizedKV):
+        if not (isinstance(v, QuantizedKV) and isinstance(first_k, QuantizedKV)
+                and k.dtype == v.dtype == torch.float32):
+            return False
+        entries, params = (k.codes, v.codes), (k.params, v.params)
+        if not all(p.device.type == "cpu" and p.dtype == torch.float16 and p.is_contiguous()
+                   and p.shape == (*k.codes.shape[:3], 2) for p in params):
+            return False
+        expected_dtype = torch.int8
+    else:
+        if not isinstance(v, torch.Tensor) or isinstance(first_k, QuantizedKV):
+            return False
+        entries, expected_dtype = (k, v), torch.float32
+    return all(t.device.type == "cpu" and t.dtype == expected_dtype and t.is_contiguous() and t.dim() == 4
+               and t.shape[2:] == (kv_heads, head_dim) and t.shape == first_k.shape for t in entries)
 
 
 def _f32(t: torch.Tensor) -> bool:
@@ -121,7 +148,8 @@ class NativeDecode:
                      bound.final_norm.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
                      tables.data_ptr(), lens.data_ptr(), rows, bound.num_layers, bound.hidden_size,
                      bound.num_heads, bound.num_kv_heads, bound.head_dim, bound.intermediate,
-                     bound.block_size, tables.shape[1], bound.eps, bound.scale, torch.get_num_threads())
+                     bound.block_size, tables.shape[1], bound.int8_cache, bound.eps, bound.scale,
+                     torch.get_num_threads())
         return hidden
 
     def bind(self, model: nn.Module) -> bool:

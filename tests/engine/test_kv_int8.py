@@ -37,6 +37,53 @@ def test_quantize_error_is_half_a_step():
     assert codes.int().abs().max() == 127   # the range is used in full
 
 
+def _torch_store(cache: kv_quant.QuantizedKV, x: torch.Tensor, slots: torch.Tensor) -> None:
+    """kv_quant.write's torch formula (what runs on other devices)."""
+    codes, params = kv_quant.quantize(x)
+    cache.codes.view(-1, *x.shape[1:]).index_copy_(0, slots, codes)
+    cache.params.view(-1, x.shape[1], 2).index_copy_(0, slots, params)
+
+
+def _empty_int8_cache(num_blocks: int, num_kv_heads: int, head_dim: int) -> kv_quant.QuantizedKV:
+    return kv_quant.QuantizedKV(torch.zeros(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=torch.int8),
+                                torch.zeros(num_blocks, BLOCK_SIZE, num_kv_heads, 2, dtype=torch.float16),
+                                torch.float32)
+
+
+@pytest.mark.parametrize(("tokens", "num_kv_heads", "head_dim"), [(1, 2, 64), (700, 8, 128), (37, 3, 40)])
+def test_native_store_is_bit_identical_to_the_torch_quantizer(tokens: int, num_kv_heads: int, head_dim: int):
+    """The CPU write (fused_ops.c's kv_store_i8, which -ffast-math compiles) gives the codes and float16
+    parameters of kv_quant.quantize exactly, from the projection's strided k slice, on: scales from 1e-4 to
+    1e3 with offsets; a constant vector; values past float16's range; a near-zero range (the minimum
+    scale); and quotients exactly halfway between two codes (round half to even, where a reciprocal
+    multiply would round up)."""
+    if kernels._library("fused_ops.c") is None:
+        pytest.skip("no C compiler here")
+    gen = torch.Generator().manual_seed(7)
+    width = num_kv_heads * head_dim
+    qkv = torch.randn(tokens, 3 * width, generator=gen)
+    qkv *= 10.0 ** torch.randint(-4, 4, (tokens, 1), generator=gen)
+    qkv += torch.randn(tokens, 1, generator=gen) * 3
+    x = qkv[:, width:2 * width].view(tokens, num_kv_heads, head_dim)      # rows 3 * width apart, as in the model
+    x[0, 0] = 0.25                                                        # constant
+    if tokens > 1:
+        x[1, 0] = torch.linspace(-7e4, 7e4, head_dim)                    # past float16's 65504
+        x[1, -1] = torch.linspace(0, 1e-6, head_dim)                     # range below the smallest scale
+        # Scale (381 + 381) / 254 = 3, zero 0: x / 3 = k + 0.5 exactly for x = 1.5, 4.5, ...
+        halfway = torch.tensor([1.5 * (2 * k + 1) * (-1) ** k for k in range(head_dim - 2)])
+        x[2, 0] = torch.cat([torch.tensor([-381.0, 381.0]), halfway])
+    slots = torch.randperm(4 * tokens, generator=gen)[:tokens]
+    native, reference = (_empty_int8_cache(4 * tokens // BLOCK_SIZE + 1, num_kv_heads, head_dim) for _ in range(2))
+    kv_quant.write(native, x, slots)
+    _torch_store(reference, x, slots)
+    assert torch.equal(native.codes, reference.codes)
+    assert torch.equal(native.params.view(torch.int16), reference.params.view(torch.int16))
+    if tokens > 2:
+        assert reference.codes.view(-1, num_kv_heads, head_dim)[slots[2], 0, 2:6].tolist() == [0, -2, 2, -4]
+    with pytest.raises(IndexError, match="outside the cache"):
+        kv_quant.write(native, x[:1], torch.tensor([native.codes.numel() // width]))
+
+
 # One sequence is split by head over the threads; 20 run whole sequences per task. Head sizes: multiples of
 # 16 and 8 (the last with an 8-wide slice) and 36 (scalar tails); 1-12 query rows per KV head (12: several
 # row chunks, the last one partial).

@@ -44,18 +44,20 @@ def _generate(path: Path, prompts: list[list[int]], **engine_args) -> list:
     return [o.outputs[0] for o in llm.generate(prompts, PARAMS)]
 
 
-@pytest.mark.parametrize("fixture", ["llama_dir", "gqa64_dir"])
-def test_native_steps_are_bit_identical_to_the_eager_layers(fixture: str, request: pytest.FixtureRequest,
+@pytest.mark.parametrize(("fixture", "kv_cache_dtype"),
+                         [("llama_dir", "auto"), ("gqa64_dir", "auto"), ("llama_dir", "int8"), ("gqa64_dir", "int8")])
+def test_native_steps_are_bit_identical_to_the_eager_layers(fixture: str, kv_cache_dtype: str,
+                                                           request: pytest.FixtureRequest,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     path = request.getfixturevalue(fixture)
     calls = _counting(monkeypatch)
     # Contexts that end inside, and cross, 16-token blocks; decode batches of 6 rows down to 1 (staggered ends).
     prompts = [list(range(3, 3 + n)) for n in (5, 16, 31, 47, 2, 70)]
-    native = _generate(path, prompts)
+    native = _generate(path, prompts, kv_cache_dtype=kv_cache_dtype)
     assert calls and max(calls) == len(prompts), "the decode steps should have run natively"
     monkeypatch.setattr(native_decode, "NATIVE_DECODE_MAX_ROWS", 0)
     taken = len(calls)
-    eager = _generate(path, prompts)
+    eager = _generate(path, prompts, kv_cache_dtype=kv_cache_dtype)
     assert len(calls) == taken
     for a, b in zip(native, eager):
         assert a.token_ids == b.token_ids
@@ -66,7 +68,7 @@ def test_native_step_only_where_it_applies(llama_dir: Path, monkeypatch: pytest.
     calls = _counting(monkeypatch)
     wide = [list(range(3, 13))] * (native_decode.NATIVE_DECODE_MAX_ROWS + 1)
     _generate(llama_dir, wide)                      # every decode step has more rows than the native limit
-    _generate(llama_dir, wide[:2], kv_cache_dtype="int8")
+    _generate(llama_dir, wide[:2], quantization="int8")
     _generate(llama_dir, wide[:2], attention_backend="sdpa")
     assert calls == []
 
