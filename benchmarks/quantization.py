@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from serving import LLM, SamplingParams
 from serving.capacity import Deployment, ModelShape, kv_bytes_per_token
 from serving.config import DEFAULT_MODEL
-from serving.layers.int8_weights import PACKED_MAX_ROWS, int8_linear, quantize_per_channel
+from serving.layers.int8_weights import int8_linear, quantize_per_channel
 from serving.models.loader import weight_bytes
 from serving.models.tiny import resolve_model
 
@@ -69,7 +69,7 @@ def matmul_routes() -> list[dict]:
     weight = torch.randn(n, k) * 0.02
     codes, scale = quantize_per_channel(weight)
     rows = []
-    for m in (1, 8, PACKED_MAX_ROWS, 64, 256):
+    for m in (1, 8, 16, 64, 256):
         x = torch.randn(m, k)
         repeats = 20 if m <= 16 else 5
         routes = {
@@ -79,7 +79,7 @@ def matmul_routes() -> list[dict]:
             "dequantize + fp32 matmul": lambda: F.linear(x, codes.float() * scale[:, None]),
             "engine route": lambda: int8_linear(x, codes, scale),
         }
-        if m <= PACKED_MAX_ROWS:   # ~40x dense beyond that: seconds per call
+        if m <= 16:   # ~40x dense beyond that: seconds per call
             routes["int8pack, fp32 activations"] = lambda: torch.ops.aten._weight_int8pack_mm(x, codes, scale)
         row = {"rows": m, **{name: _time_ms(fn, repeats) for name, fn in routes.items()}}
         rows.append(row)

@@ -1,26 +1,39 @@
 """Weight-only int8 for linear layers: per output channel, symmetric, quantized at load time.
 
 A weight W [N, K] is stored as int8 codes C and one scale per output row s [N], W ≈ s[:, None] * C, with
-s = max|W[n, :]| / 127. Activations stay in the model dtype. The matmul route depends on the batch, from
-measurements on this project's CPU (benchmarks/quantization.py has the numbers):
+s = max|W[n, :]| / 127. Activations stay in the model dtype. The matmul route depends on the batch and on
+the kernels ATen runs on this CPU (benchmarks/quantization.py measures the routes):
 
-- few rows (decode): torch's `_weight_int8pack_mm`, which reads the int8 codes directly. It is fast with
-  bfloat16 activations and several times slower than a dense float32 matmul with float32 ones, so float32
-  activations are rounded to bfloat16 for it (and the result back): a relative error of ~2^-9 per element,
-  below int8's own (~1/100 of a row's spread).
-- many rows (prefill) and CUDA: the codes are dequantized into a scratch buffer shared by all layers and a
-  dense matmul runs in the model dtype; the dequantization is amortized over the rows.
+- few rows (decode), and on AVX-512 every batch: torch's `_weight_int8pack_mm`, which reads the int8 codes
+  directly. It is fast with bfloat16 activations and several times slower than a dense float32 matmul with
+  float32 ones, so float32 activations are rounded to bfloat16 for it (and the result back): a relative
+  error of ~2^-9 per element, below int8's own (~1/100 of a row's spread).
+- many rows (prefill) with other kernels, and CUDA: the codes are dequantized into a scratch buffer shared
+  by all layers and a dense matmul runs in the model dtype; the dequantization is amortized over the rows.
+
+Where the rows cross over (PACKED_MAX_ROWS), measured on 768 x 2304 and 3072 x 768 weights, 2 threads:
+with ATen's AVX-512 kernels (a 2-vCPU AMD EPYC with AVX-512) `_weight_int8pack_mm` took 1.4-1.6x a dense
+matmul's time at 16-512 rows and dequantize-then-matmul 2.4-3.5x, so the packed route wins at every batch;
+the first (AVX2) machine measured the crossover at 16 rows, which other kernels keep.
 """
 from __future__ import annotations
 
+import math
 import threading
 
 import torch
 import torch.nn.functional as F
 
 _LEVELS = 127
-# Rows up to which `_weight_int8pack_mm` beats dequantize-then-matmul on CPU (measured; see module doc).
-PACKED_MAX_ROWS = 16
+
+
+def packed_max_rows(cpu_capability: str) -> float:
+    """Rows up to which `_weight_int8pack_mm` beats dequantize-then-matmul with ATen's kernels for this CPU
+    capability (torch.backends.cpu.get_cpu_capability()): measured, see the module doc."""
+    return math.inf if cpu_capability.startswith("AVX512") else 16
+
+
+PACKED_MAX_ROWS = packed_max_rows(torch.backends.cpu.get_cpu_capability())
 _scratch = threading.local()
 
 
