@@ -62,7 +62,8 @@ def _build(compiler: str, source: Path, target: Path) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         obj, lib = Path(tmp) / "kernel.o", Path(tmp) / target.name
         # -I: the package's headers, also for a variant built from a copy elsewhere (build_variant).
-        for cmd in ([compiler, *_COMPILE_FLAGS, "-I", str(Path(__file__).parent), "-c", str(source), "-o", str(obj)],
+        headers = ("-I", str(Path(__file__).parent))
+        for cmd in ([compiler, *_COMPILE_FLAGS, *headers, "-c", str(source), "-o", str(obj)],
                     [compiler, *_LINK_FLAGS, str(obj), "-o", str(lib), "-lm"]):
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
             if done.returncode != 0:

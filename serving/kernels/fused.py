@@ -85,7 +85,8 @@ def store_int8_kv(codes: torch.Tensor, params: torch.Tensor, x: torch.Tensor, sl
     serving/layers/kv_quant.py's quantize and two index_copy_ calls would. False (nothing written) where the
     kernel does not fit; IndexError for a slot outside the cache, as index_copy_ raises."""
     lib = _kernels(x)
-    if lib is None or x.dim() != 3 or not (codes.device.type == params.device.type == slots.device.type == "cpu"):
+    on_cpu = codes.device.type == params.device.type == slots.device.type == "cpu"
+    if lib is None or x.dim() != 3 or not on_cpu:
         return False
     tokens, kv_heads, head_dim = x.shape
     num_slots = codes.numel() // max(kv_heads * head_dim, 1)

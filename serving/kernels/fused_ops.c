@@ -93,9 +93,9 @@ void silu_and_mul_f32(float *out, const float *x, int64_t rows, int64_t width, i
 }
 
 /* The step's new keys (or values) quantized into an int8 KV cache, with the codes and parameters that
- * serving/layers/kv_quant.py's quantize computes, bit for bit (the tests compare them): for each token and KV
- * head, lo/hi = min/max of its vector x, scale = half(max((hi - lo) / 254, 2^-14)), zero = half((hi + lo) / 2),
- * code = clamp(round_half_even(float32((x - zero) / scale)), -127, 127).
+ * serving/layers/kv_quant.py's quantize computes, bit for bit (the tests compare them): for each token and
+ * KV head, lo/hi = min/max of its vector x, scale = half(max((hi - lo) / 254, 2^-14)),
+ * zero = half((hi + lo) / 2), code = clamp(round_half_even(float32((x - zero) / scale)), -127, 127).
  * Why the quotients go through double: -ffast-math lets the compiler replace a division by a multiplication
  * with the divisor's reciprocal, whose float32 result is off by an ulp for some inputs (and a code by one
  * where that crosses a rounding midpoint). Rounded to float32, the double product with a double reciprocal

@@ -76,8 +76,8 @@ def _fits(model: nn.Module) -> bool:
         if not all(_f32(n.weight) and n.weight.shape == (e,) and n.eps == model.norm.eps
                    for n in (layer.input_layernorm, layer.post_attention_layernorm)):
             return False
-        if not (isinstance(core.backend, CpuKernelBackend) and _cache_fits(core, first.attn, kv_heads, head_dim)
-                and core.scale == first.attn.scale
+        if not (isinstance(core.backend, CpuKernelBackend)
+                and _cache_fits(core, first.attn, kv_heads, head_dim) and core.scale == first.attn.scale
                 and (core.num_heads, core.num_kv_heads, core.head_dim) == (heads, kv_heads, head_dim)
                 and (attn.num_heads, attn.num_kv_heads, attn.head_dim) == (heads, kv_heads, head_dim)):
             return False

@@ -64,7 +64,7 @@ def test_native_store_is_bit_identical_to_the_torch_quantizer(tokens: int, num_k
     qkv = torch.randn(tokens, 3 * width, generator=gen)
     qkv *= 10.0 ** torch.randint(-4, 4, (tokens, 1), generator=gen)
     qkv += torch.randn(tokens, 1, generator=gen) * 3
-    x = qkv[:, width:2 * width].view(tokens, num_kv_heads, head_dim)      # rows 3 * width apart, as in the model
+    x = qkv[:, width:2 * width].view(tokens, num_kv_heads, head_dim)   # rows 3 * width apart, as in a model
     x[0, 0] = 0.25                                                        # constant
     if tokens > 1:
         x[1, 0] = torch.linspace(-7e4, 7e4, head_dim)                    # past float16's 65504
@@ -73,7 +73,8 @@ def test_native_store_is_bit_identical_to_the_torch_quantizer(tokens: int, num_k
         halfway = torch.tensor([1.5 * (2 * k + 1) * (-1) ** k for k in range(head_dim - 2)])
         x[2, 0] = torch.cat([torch.tensor([-381.0, 381.0]), halfway])
     slots = torch.randperm(4 * tokens, generator=gen)[:tokens]
-    native, reference = (_empty_int8_cache(4 * tokens // BLOCK_SIZE + 1, num_kv_heads, head_dim) for _ in range(2))
+    blocks = 4 * tokens // BLOCK_SIZE + 1
+    native, reference = (_empty_int8_cache(blocks, num_kv_heads, head_dim) for _ in range(2))
     kv_quant.write(native, x, slots)
     _torch_store(reference, x, slots)
     assert torch.equal(native.codes, reference.codes)
