@@ -58,8 +58,10 @@ def test_rolling_update_drains_then_stalled_engine_is_replaced(serving_stack):
         consumer = threading.Thread(target=stream)
         consumer.start()
         assert first_chunk.wait(60)
-        # Stalled as soon as a step is in progress: every health check while it has work fails.
-        serving_stack.deploy("aux", AppConfig(api_keys_file=keys, stall_timeout_s=0.001, **AUX))
+        # Stalled as soon as it has work: every health check then fails. (At 1 ms, which this test used, a
+        # check could fall less than 1 ms after a step's end: the tiny model's decode steps take about that, so
+        # Ray's three consecutive failed checks sometimes never added up and the replica was not replaced.)
+        serving_stack.deploy("aux", AppConfig(api_keys_file=keys, stall_timeout_s=1e-6, **AUX))
         consumer.join(120)
         assert result["status"] == 200
         chunks = sse_payloads(result["text"])
