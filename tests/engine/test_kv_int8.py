@@ -37,13 +37,6 @@ def test_quantize_error_is_half_a_step():
     assert codes.int().abs().max() == 127   # the range is used in full
 
 
-def _torch_store(cache: kv_quant.QuantizedKV, x: torch.Tensor, slots: torch.Tensor) -> None:
-    """kv_quant.write's torch formula (what runs on other devices)."""
-    codes, params = kv_quant.quantize(x)
-    cache.codes.view(-1, *x.shape[1:]).index_copy_(0, slots, codes)
-    cache.params.view(-1, x.shape[1], 2).index_copy_(0, slots, params)
-
-
 def _empty_int8_cache(num_blocks: int, num_kv_heads: int, head_dim: int) -> kv_quant.QuantizedKV:
     return kv_quant.QuantizedKV(torch.zeros(num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, dtype=torch.int8),
                                 torch.zeros(num_blocks, BLOCK_SIZE, num_kv_heads, 2, dtype=torch.float16),
@@ -51,7 +44,8 @@ def _empty_int8_cache(num_blocks: int, num_kv_heads: int, head_dim: int) -> kv_q
 
 
 @pytest.mark.parametrize(("tokens", "num_kv_heads", "head_dim"), [(1, 2, 64), (700, 8, 128), (37, 3, 40)])
-def test_native_store_is_bit_identical_to_the_torch_quantizer(tokens: int, num_kv_heads: int, head_dim: int):
+def test_native_store_is_bit_identical_to_the_torch_quantizer(tokens: int, num_kv_heads: int, head_dim: int,
+                                                              monkeypatch: pytest.MonkeyPatch):
     """The CPU write (fused_ops.c's kv_store_i8, which -ffast-math compiles) gives the codes and float16
     parameters of kv_quant.quantize exactly, from the projection's strided k slice, on: scales from 1e-4 to
     1e3 with offsets; a constant vector; values past float16's range; a near-zero range (the minimum
@@ -76,7 +70,9 @@ def test_native_store_is_bit_identical_to_the_torch_quantizer(tokens: int, num_k
     blocks = 4 * tokens // BLOCK_SIZE + 1
     native, reference = (_empty_int8_cache(blocks, num_kv_heads, head_dim) for _ in range(2))
     kv_quant.write(native, x, slots)
-    _torch_store(reference, x, slots)
+    with monkeypatch.context() as torch_only:         # the torch formula that other devices run
+        torch_only.setattr(kv_quant, "store_int8_kv", lambda *args: False)
+        kv_quant.write(reference, x, slots)
     assert torch.equal(native.codes, reference.codes)
     assert torch.equal(native.params.view(torch.int16), reference.params.view(torch.int16))
     if tokens > 2:
