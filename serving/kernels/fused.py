@@ -79,11 +79,19 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
+def check_slots(slots: torch.Tensor, num_slots: int) -> None:
+    """IndexError unless every KV cache slot in `slots` is inside a pool of num_slots: index_copy_ refuses
+    one outside, a native write would write there."""
+    low, high = (int(v) for v in slots.aminmax())
+    if not 0 <= low <= high < num_slots:
+        raise IndexError(f"KV cache slots [{low}, {high}] outside the pool of {num_slots}")
+
+
 def store_int8_kv(codes: torch.Tensor, params: torch.Tensor, x: torch.Tensor, slots: torch.Tensor) -> bool:
     """Quantize x [T, KVH, D] (float32; rows of [KVH, D] contiguous) into an int8 cache's codes
     [..., KVH, D] int8 and params [..., KVH, 2] float16 at the flat slots [T] int64, exactly as
     serving/layers/kv_quant.py's quantize and two index_copy_ calls would. False (nothing written) where the
-    kernel does not fit; IndexError for a slot outside the cache, as index_copy_ raises."""
+    kernel does not fit; IndexError for a slot outside the cache (check_slots)."""
     lib = _kernels(x)
     on_cpu = codes.device.type == params.device.type == slots.device.type == "cpu"
     if lib is None or x.dim() != 3 or not on_cpu:
@@ -96,9 +104,7 @@ def store_int8_kv(codes: torch.Tensor, params: torch.Tensor, x: torch.Tensor, sl
             and codes.shape[-2:] == (kv_heads, head_dim) and params.shape[-2:] == (kv_heads, 2)
             and params.numel() == num_slots * kv_heads * 2 and slots.shape == (tokens,)):
         return False
-    low, high = (int(v) for v in slots.aminmax())
-    if not 0 <= low <= high < num_slots:
-        raise IndexError(f"KV cache slots [{low}, {high}] outside the cache of {num_slots}")
+    check_slots(slots, num_slots)
     lib.kv_store_i8(codes.data_ptr(), params.data_ptr(), x.data_ptr(), slots.data_ptr(), tokens, kv_heads,
                     head_dim, x.stride(0), torch.get_num_threads())
     return True

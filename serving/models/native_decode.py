@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from serving.kernels import llama_decode_layers
+from serving.kernels.fused import check_slots
 from serving.layers.kv_quant import QuantizedKV
 from serving.layers.packed_weights import PACKED_MIN_ROWS
 from serving.layers.sdpa_backend import CpuKernelBackend
@@ -139,10 +140,7 @@ class NativeDecode:
                 and cos.numel() == sin.numel() == rows * bound.head_dim and tables.dim() == 2
                 and tables.dtype == lens.dtype == torch.int32 and slots.dtype == torch.int64):
             return None
-        # The KV writes: index_copy_ refuses a slot outside the pool, the C code would write there.
-        low, high = (int(v) for v in slots.aminmax())
-        if not 0 <= low <= high < bound.num_slots:
-            raise IndexError(f"KV cache slots [{low}, {high}] outside the pool of {bound.num_slots}")
+        check_slots(slots, bound.num_slots)
         scratch = torch.empty(rows * bound.scratch_per_row, dtype=torch.float32)
         bound.kernel(hidden.data_ptr(), scratch.data_ptr(), bound.weights, bound.caches,
                      bound.final_norm.data_ptr(), cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),

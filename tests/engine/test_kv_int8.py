@@ -77,7 +77,7 @@ def test_native_store_is_bit_identical_to_the_torch_quantizer(tokens: int, num_k
     assert torch.equal(native.params.view(torch.int16), reference.params.view(torch.int16))
     if tokens > 2:
         assert reference.codes.view(-1, num_kv_heads, head_dim)[slots[2], 0, 2:6].tolist() == [0, -2, 2, -4]
-    with pytest.raises(IndexError, match="outside the cache"):
+    with pytest.raises(IndexError, match="outside the pool"):
         kv_quant.write(native, x[:1], torch.tensor([native.codes.numel() // width]))
 
 
