@@ -111,6 +111,10 @@ class ApiSettings:
     rate_limit_storage: str = setting("memory://", "per-key limits: memory:// (per ingress replica) or a shared "
                                       "store such as redis://host:6379")
     max_request_bytes: int = setting(2 * 1024 * 1024, "largest request body accepted (413 beyond)")
+    request_read_timeout_s: float = setting(30.0, "seconds a client has to send a request's line and "
+                                            "headers (from connecting, or from the request's first byte), "
+                                            "and then its body (408 beyond): a silent or trickling client "
+                                            "is cut off, not waited for")
     default_max_tokens: int = setting(256, "max_tokens of chat and predict requests without one (completions "
                                       "default to 16)")
     max_prompts_per_request: int = setting(LIMITS.prompts, f"prompts per request (at most {LIMITS.prompts})")
@@ -120,6 +124,7 @@ class ApiSettings:
         need = lambda ok, name, expected: _need(self, ok, name, expected)
         need(self.key_reload_interval_s > 0, "key_reload_interval_s", "a number of seconds > 0")
         need(self.max_request_bytes >= 1024, "max_request_bytes", "at least 1024")
+        need(self.request_read_timeout_s > 0, "request_read_timeout_s", "a number of seconds > 0")
         need(self.default_max_tokens >= 1, "default_max_tokens", "an integer >= 1")
         need(1 <= self.max_prompts_per_request <= LIMITS.prompts, "max_prompts_per_request",
              f"an integer in [1, {LIMITS.prompts}]")

@@ -72,7 +72,7 @@ class Ingress:
 
             # What Ray's proxy bounded before (ongoing, plus as many queued) is refused 503 here instead.
             self.ctx.max_in_flight = 2 * config.ingress_max_ongoing_requests
-            self.server = DirectServer(create_app(self.ctx), *listen)
+            self.server = DirectServer(create_app(self.ctx), *listen, settings.request_read_timeout_s)
 
     async def drain(self) -> int:
         """Refuse new requests from now on (503 + Retry-After); returns how many are still being answered."""

@@ -30,6 +30,7 @@ class RequestLimits:
     top_k: int = 1 << 20                  # the engine also checks top_k against its model's vocabulary
     temperature: float = 2.0
     seed: int = 2**63 - 1                 # seeds are int64 tensors in the sampler
+    head_bytes: int = 64 * 1024           # request line and headers (the HTTP parser itself sets no bound)
 
 
 LIMITS = RequestLimits()

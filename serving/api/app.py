@@ -53,7 +53,8 @@ def create_app(ctx: ApiContext) -> FastAPI:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's own answers (no such route, wrong method, ...) and the body limit's 413.
         status, headers = exc.status_code, getattr(exc, "headers", None)
-        code = {404: "unknown_route", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+        code = {404: "unknown_route", 405: "method_not_allowed", 408: "request_timeout",
+                413: "request_too_large"}.get(status)
         # The path is the caller's input: a bounded prefix of it.
         where = f"{request.method} {request.url.path[:100]}"
         if status == 404:
@@ -96,18 +97,22 @@ def create_app(ctx: ApiContext) -> FastAPI:
     # The routes themselves (FastAPI wraps included routers), to label requests answered before routing.
     routes = [r for router in (app.router, *routers) for r in router.routes if isinstance(r, APIRoute)]
     # Added last = outermost: access log, then auth, then the body limit, then FastAPI.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.settings.max_request_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=ctx.settings.max_request_bytes,
+                       timeout_s=ctx.settings.request_read_timeout_s)
     app.add_middleware(AuthMiddleware, ctx=ctx)
     app.add_middleware(AccessMiddleware, ctx=ctx, routes=routes)
     return app
 
 
 class BodyLimitMiddleware:
-    """413 (our JSON error) for a body over `max_bytes`: by Content-Length up front, else while reading."""
+    """413 (our JSON error) for a body over `max_bytes`: by Content-Length up front, else while reading; 408
+    for a body not all received within `timeout_s` of the request reaching the app (a client trickling a
+    body would otherwise hold its request, and a place among the replica's in-flight requests, for good)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -118,19 +123,30 @@ class BodyLimitMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await JSONResponse(error_body(413, message, "request_too_large"), status_code=413)(scope, receive, send)
             return
-        received = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        received, complete = 0, False
 
-        async def counting_receive() -> Message:
-            nonlocal received
-            event = await receive()
+        async def bounded_receive() -> Message:
+            nonlocal received, complete
+            if complete:
+                # After the body, receive() waits for the client to go away (during a stream): no deadline.
+                return await receive()
+            try:
+                event = await asyncio.wait_for(receive(), deadline - loop.time())
+            except TimeoutError:
+                # FastAPI passes an HTTPException raised while reading the body on to our handler.
+                # The rest of the body may still come: close rather than parse it as the next request.
+                raise HTTPException(408, f"request body not received within {self.timeout_s:g} s",
+                                    headers={"connection": "close"}) from None
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
                 if received > self.max_bytes:
-                    # FastAPI passes an HTTPException raised while reading the body on to our handler.
                     raise HTTPException(413, message)
+                complete = not event.get("more_body", False)
             return event
 
-        await self.app(scope, counting_receive, send)
+        await self.app(scope, bounded_receive, send)
 
 
 def _route_path(scope: Scope) -> str:

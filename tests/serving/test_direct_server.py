@@ -34,8 +34,8 @@ async def _started(server: DirectServer) -> None:
 
 async def test_two_servers_share_a_port_and_stop_gracefully():
     port, gate, held_by = free_port(), asyncio.Event(), []
-    a = DirectServer(_app("a", gate, held_by), "127.0.0.1", port)
-    b = DirectServer(_app("b", gate, held_by), "127.0.0.1", port)
+    a = DirectServer(_app("a", gate, held_by), "127.0.0.1", port, read_timeout_s=30)
+    b = DirectServer(_app("b", gate, held_by), "127.0.0.1", port, read_timeout_s=30)
     await asyncio.gather(_started(a), _started(b))
     url = f"http://127.0.0.1:{port}/"
     answered = set()
