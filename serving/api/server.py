@@ -61,7 +61,7 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.head_timeout_s = head_timeout_s
         self.head_deadline: asyncio.TimerHandle | None = None
-        self.head_bytes = 0
+        self.head_bytes = 0   # of the current request's line and headers (reset by _start_head)
         self.refusal: tuple[int, str] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

@@ -11,6 +11,7 @@ import time
 import httpx
 
 MODEL = "tiny-llama-2-chat"
+BODY = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
 
 
 async def _open(stack) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -34,19 +35,33 @@ async def _answer(reader: asyncio.StreamReader, limit_s: float) -> tuple[int, by
     return status, body, time.monotonic() - start
 
 
-async def _trickle(writer: asyncio.StreamWriter, chunks: list[bytes], gap_s: float) -> None:
+async def _answer_while_sending(stack, chunks: list[bytes], gap_s: float, limit_s: float):
+    """_answer on a new connection while `chunks` go out `gap_s` apart (until the server closes it)."""
+    reader, writer = await _open(stack)
+
+    async def send() -> None:
+        try:
+            for chunk in chunks:
+                writer.write(chunk)
+                await writer.drain()
+                await asyncio.sleep(gap_s)
+        except ConnectionError:
+            pass   # the server closed it: what the test expects
+
+    sender = asyncio.create_task(send())
     try:
-        for chunk in chunks:
-            writer.write(chunk)
-            await writer.drain()
-            await asyncio.sleep(gap_s)
-    except ConnectionError:
-        pass   # the server closed it: what the test expects
+        return await _answer(reader, limit_s)
+    finally:
+        sender.cancel()
 
 
 def _request_head(stack, body_length: int) -> bytes:
     return (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {stack.api_key}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {body_length}\r\n\r\n").encode()
+
+
+def _bytes(data: bytes) -> list[bytes]:
+    return [data[i:i + 1] for i in range(len(data))]
 
 
 async def _silent(stack, limit_s):
@@ -55,31 +70,17 @@ async def _silent(stack, limit_s):
 
 
 async def _trickled_head(stack, limit_s):
-    reader, writer = await _open(stack)
-    head = _request_head(stack, 10)
-    sender = asyncio.create_task(_trickle(writer, [head[i:i + 1] for i in range(len(head))], 0.2))
-    try:
-        return await _answer(reader, limit_s)
-    finally:
-        sender.cancel()
+    return await _answer_while_sending(stack, _bytes(_request_head(stack, 10)), 0.2, limit_s)
 
 
 async def _trickled_body(stack, limit_s):
-    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
-    reader, writer = await _open(stack)
-    writer.write(_request_head(stack, len(body)))
-    sender = asyncio.create_task(_trickle(writer, [body[i:i + 1] for i in range(len(body))], 0.5))
-    try:
-        return await _answer(reader, limit_s)
-    finally:
-        sender.cancel()
+    return await _answer_while_sending(stack, [_request_head(stack, len(BODY))] + _bytes(BODY), 0.5, limit_s)
 
 
 async def _kept_alive_then_partial(stack, limit_s):
     """A whole request, answered; then on the same connection the next request's first line only."""
-    body = json.dumps({"model": MODEL, "prompt": "hi", "max_tokens": 2}).encode()
     reader, writer = await _open(stack)
-    writer.write(_request_head(stack, len(body)) + body)
+    writer.write(_request_head(stack, len(BODY)) + BODY)
     await writer.drain()
     first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 60)
     assert first.startswith(b"HTTP/1.1 200"), first[:100]
@@ -92,14 +93,9 @@ async def _kept_alive_then_partial(stack, limit_s):
 
 
 async def _endless_headers(stack, limit_s):
-    reader, writer = await _open(stack)
     line = b"X-Pad: " + b"a" * 8000 + b"\r\n"
     chunks = [b"GET /health HTTP/1.1\r\nHost: x\r\n"] + [line] * 2000
-    sender = asyncio.create_task(_trickle(writer, chunks, 0))
-    try:
-        return await _answer(reader, limit_s)
-    finally:
-        sender.cancel()
+    return await _answer_while_sending(stack, chunks, 0, limit_s)
 
 
 async def _meanwhile(stack) -> list[int]:
